@@ -11,9 +11,11 @@ Conventions (used everywhere in `ctvl`, Slicer and SimpleITK agree with them):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import SimpleITK as sitk
 
 
 @dataclass
@@ -93,3 +95,210 @@ class Volume:
         if array.shape[:3] != self.array.shape[:3]:
             raise ValueError(f"shape {array.shape} does not match {self.array.shape}")
         return Volume(array, self.ijk_to_ras.copy())
+
+
+# --- SimpleITK conversion -------------------------------------------------------------------------------------------
+
+_LPS_RAS = np.diag([-1.0, -1.0, 1.0])  # ITK works in LPS, Slicer and ctvl in RAS: flip the first two axes.
+
+
+def volume_from_sitk(image: sitk.Image) -> Volume:
+    """A `Volume` from a 3D scalar SimpleITK image (array copied, LPS geometry converted to RAS)."""
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"need a 3D scalar image, got {image.GetDimension()}D with "
+                         f"{image.GetNumberOfComponentsPerPixel()} components")
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = _LPS_RAS @ direction @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = _LPS_RAS @ np.array(image.GetOrigin(), dtype=np.float64)
+    return Volume(sitk.GetArrayFromImage(image), matrix)
+
+
+def _sitk_geometry(ijk_to_ras: np.ndarray) -> tuple[list[float], list[float], list[float]]:
+    """(spacing, origin, direction) in ITK's LPS convention for a 4x4 IJK->RAS matrix."""
+    matrix = np.asarray(ijk_to_ras, dtype=np.float64)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ValueError(f"singular IJK->RAS matrix (spacing {spacing})")
+    direction = _LPS_RAS @ (matrix[:3, :3] / spacing)
+    origin = _LPS_RAS @ matrix[:3, 3]
+    return spacing.tolist(), origin.tolist(), direction.ravel().tolist()
+
+
+def volume_to_sitk(volume: Volume, dtype: np.dtype | type | None = None) -> sitk.Image:
+    """A SimpleITK image with the volume's array and exact geometry.
+
+    The array is cast to ``dtype`` if given; bool becomes uint8, float16 float32, big-endian native.
+    """
+    array = np.asarray(volume.array)
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    elif array.dtype == np.float16:  # not an ITK pixel type
+        array = array.astype(np.float32)
+    elif not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if array.ndim != 3:
+        raise ValueError(f"need a 3D array, got shape {array.shape}")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=False)
+    spacing, origin, direction = _sitk_geometry(volume.ijk_to_ras)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    return image
+
+
+# --- model grid and resampling --------------------------------------------------------------------------------------
+
+# Model grid axes in RAS: i (w) toward patient Left, j (h) toward Posterior, k (d) toward Superior (LPS-aligned).
+_MODEL_DIRECTION = np.diag([-1.0, -1.0, 1.0])
+
+
+def volume_centre_ras(volume: Volume) -> np.ndarray:
+    """RAS position (mm) of the centre of the volume's voxel grid."""
+    centre = (np.array(volume.shape_ijk, dtype=np.float64) - 1.0) / 2.0
+    return volume.ijk_to_ras_points(centre)[0]
+
+
+def model_grid(volume: Volume, spacing_dhw: Sequence[float], shape_dhw: Sequence[int]) -> np.ndarray:
+    """IJK->RAS of the model grid: axis-aligned LPS, ``spacing_dhw`` mm, ``shape_dhw`` voxels, centred on the volume.
+
+    The model array is indexed ``[d, h, w]`` = ``[k, j, i]``: d toward Superior, h toward Posterior, w toward Left.
+    """
+    spacing_ijk = np.array(spacing_dhw, dtype=np.float64)[::-1]
+    shape_ijk = np.array(shape_dhw, dtype=np.float64)[::-1]
+    if spacing_ijk.shape != (3,) or shape_ijk.shape != (3,) or np.any(spacing_ijk <= 0) or np.any(shape_ijk < 1):
+        raise ValueError(f"bad model grid spacing {spacing_dhw} / shape {shape_dhw}")
+    matrix = np.eye(4)
+    matrix[:3, :3] = _MODEL_DIRECTION @ np.diag(spacing_ijk)
+    matrix[:3, 3] = volume_centre_ras(volume) - matrix[:3, :3] @ ((shape_ijk - 1.0) / 2.0)
+    return matrix
+
+
+_INTERPOLATORS = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}
+
+
+def resample(
+    volume: Volume,
+    ijk_to_ras: np.ndarray,
+    shape_kji: Sequence[int],
+    order: int = 1,
+    fill: float = -1024.0,
+    dtype: np.dtype | type | None = None,
+) -> Volume:
+    """Resample ``volume`` onto the grid ``(ijk_to_ras, shape_kji)`` with SimpleITK (multi-threaded).
+
+    ``order``: 0 nearest (labels; keeps the input dtype), 1 linear, 3 B-spline (float32 output unless ``dtype``).
+    Points outside the input get ``fill``. Physical geometry is exact, whatever the two grids' orientations.
+    """
+    if order not in _INTERPOLATORS:
+        raise ValueError(f"order must be one of {sorted(_INTERPOLATORS)}, got {order}")
+    shape_kji = tuple(int(n) for n in shape_kji)
+    out_dtype = np.dtype(dtype) if dtype is not None else (volume.array.dtype if order == 0 else np.dtype(np.float32))
+    if out_dtype == np.bool_:
+        out_dtype = np.dtype(np.uint8)
+    target = np.asarray(ijk_to_ras, dtype=np.float64)
+    if shape_kji == volume.array.shape and np.allclose(target, volume.ijk_to_ras, rtol=0.0, atol=1e-9):
+        return Volume(volume.array.astype(out_dtype, copy=True), target.copy())
+    image = volume_to_sitk(volume)
+    if order == 0:
+        pixel_type = image.GetPixelID()
+        in_dtype = np.dtype(np.uint8) if volume.array.dtype == np.bool_ else volume.array.dtype
+        if np.issubdtype(in_dtype, np.integer) and not _fits(fill, in_dtype):
+            raise ValueError(f"fill {fill} does not fit {volume.array.dtype}: pass fill=0 for label maps")
+    else:  # interpolate into float; int16 input needs no float copy
+        pixel_type = sitk.sitkFloat64 if out_dtype == np.float64 else sitk.sitkFloat32
+    spacing, origin, direction = _sitk_geometry(target)
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize([shape_kji[2], shape_kji[1], shape_kji[0]])
+    resampler.SetOutputSpacing(spacing)
+    resampler.SetOutputOrigin(origin)
+    resampler.SetOutputDirection(direction)
+    resampler.SetInterpolator(_INTERPOLATORS[order])
+    resampler.SetDefaultPixelValue(float(fill))
+    resampler.SetOutputPixelType(pixel_type)
+    array = sitk.GetArrayFromImage(resampler.Execute(image))
+    return Volume(array.astype(out_dtype, copy=False), target.copy())
+
+
+def _fits(value: float, dtype: np.dtype) -> bool:
+    info = np.iinfo(dtype)
+    return float(value).is_integer() and info.min <= value <= info.max
+
+
+def window(array: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
+    """HU -> float32 in [0, 1]: ``(x - lo) / (hi - lo)`` clipped."""
+    lo, hi = (float(v) for v in hu_window)
+    if not hi > lo:
+        raise ValueError(f"HU window must have hi > lo, got {hu_window}")
+    out = np.asarray(array, dtype=np.float32) - np.float32(lo)
+    out *= np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def to_model_space(
+    volume: Volume,
+    spacing_dhw: Sequence[float],
+    shape_dhw: Sequence[int],
+    hu_window: Sequence[float],
+    fill: float = -1024.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The one preprocessing shared by training and inference.
+
+    Resample (linear) onto `model_grid`, window HU to [0, 1]. Returns ``(float32 array [D, H, W], model ijk_to_ras)``.
+    """
+    grid = model_grid(volume, spacing_dhw, shape_dhw)
+    resampled = resample(volume, grid, shape_dhw, order=1, fill=fill, dtype=np.float32)
+    return np.ascontiguousarray(window(resampled.array, hu_window)), grid
+
+
+# --- slices, positions and model depth ------------------------------------------------------------------------------
+
+
+def _s_line(ijk_to_ras: np.ndarray, shape_ijk: Sequence[int], axis: int) -> tuple[float, float]:
+    """(S at index 0, S per index step) along voxel ``axis`` through the grid's in-plane centre."""
+    centre = (np.array(shape_ijk, dtype=np.float64) - 1.0) / 2.0
+    centre[axis] = 0.0
+    row = ijk_to_ras[2]
+    step = float(row[axis])
+    if abs(step) < 1e-12:
+        raise ValueError("the slice axis has no superior-inferior component")
+    return float(row[:3] @ centre + row[3]), step
+
+
+def slice_index_to_position_mm(volume: Volume, k: float | np.ndarray) -> float | np.ndarray:
+    """RAS S (mm) of the centre of (possibly fractional) slice ``k``, as in `Volume.slice_positions_mm`."""
+    start, step = _s_line(volume.ijk_to_ras, volume.shape_ijk, volume.slice_axis_ijk)
+    out = start + step * np.asarray(k, dtype=np.float64)
+    return float(out) if out.ndim == 0 else out
+
+
+def ras_z_to_slice(volume: Volume, z: float | np.ndarray) -> float | np.ndarray:
+    """Fractional slice index whose centre lies at RAS S = ``z`` mm (inverse of `slice_index_to_position_mm`).
+
+    Round it (and clip to ``[0, n_slices - 1]``) to get a slice; values outside that range lie outside the volume.
+    """
+    start, step = _s_line(volume.ijk_to_ras, volume.shape_ijk, volume.slice_axis_ijk)
+    out = (np.asarray(z, dtype=np.float64) - start) / step
+    return float(out) if out.ndim == 0 else out
+
+
+def _model_s(model_ijk_to_ras: np.ndarray) -> tuple[float, float]:
+    matrix = np.asarray(model_ijk_to_ras, dtype=np.float64)
+    if abs(matrix[2, 0]) > 1e-9 or abs(matrix[2, 1]) > 1e-9 or abs(matrix[2, 2]) < 1e-12:
+        raise ValueError("model grid must have its depth axis (k) along S and its in-plane axes perpendicular")
+    return float(matrix[2, 3]), float(matrix[2, 2])
+
+
+def slice_to_model_depth(volume: Volume, model_ijk_to_ras: np.ndarray, k: float | np.ndarray) -> float | np.ndarray:
+    """Fractional model-grid depth index ``d`` at the same S position as input slice ``k``."""
+    start, step = _model_s(model_ijk_to_ras)
+    out = (np.asarray(slice_index_to_position_mm(volume, k)) - start) / step
+    return float(out) if out.ndim == 0 else out
+
+
+def model_depth_to_slice(volume: Volume, model_ijk_to_ras: np.ndarray, d: float | np.ndarray) -> float | np.ndarray:
+    """Fractional input slice index at the same S position as model depth index ``d`` (inverse of the above)."""
+    start, step = _model_s(model_ijk_to_ras)
+    return ras_z_to_slice(volume, start + step * np.asarray(d, dtype=np.float64))
