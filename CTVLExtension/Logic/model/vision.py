@@ -1,0 +1,172 @@
+"""3D vision encoders: a ViT (patch embedding) and a CNN-ViT hybrid (3D conv stem), both -> token grid.
+
+Both return encoder features [B, d, h, w, C]; the joint model projects them into the shared space.
+Attention is `torch.nn.functional.scaled_dot_product_attention` (fused kernels on CPU and GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from ctvl.model.config import ModelConfig
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+def sincos_pos_embed_3d(grid: tuple[int, int, int], dim: int, device=None, dtype=None) -> Tensor:
+    """Fixed 3D sine-cosine position embedding [d*h*w, dim] (MAE-style, one third of the channels per axis)."""
+    per_axis = 2 * (dim // 6)
+    out = []
+    axes = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in grid], indexing="ij")
+    omega = 1.0 / (10000 ** (torch.arange(per_axis // 2, dtype=torch.float32) / max(per_axis // 2, 1)))
+    for coord in axes:
+        angles = coord.reshape(-1, 1) * omega.reshape(1, -1)
+        out += [torch.sin(angles), torch.cos(angles)]
+    emb = torch.cat(out, dim=1)
+    if emb.shape[1] < dim:
+        emb = F.pad(emb, (0, dim - emb.shape[1]))
+    return emb.to(device=device, dtype=dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over all tokens (global), via scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def _groups(channels: int) -> int:
+    for g in (8, 4, 2):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+class ConvStem(nn.Module):
+    """Strided 3D conv stages (conv 3x3x3 + GroupNorm + GELU) and a 1x1x1 conv to the embedding dim."""
+
+    def __init__(self, channels: tuple[int, ...], strides: tuple[tuple[int, int, int], ...], embed_dim: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 1
+        for cout, stride in zip(channels, strides):
+            layers += [
+                nn.Conv3d(cin, cout, kernel_size=3, stride=tuple(stride), padding=1, bias=False),
+                nn.GroupNorm(_groups(cout), cout),
+                nn.GELU(),
+            ]
+            cin = cout
+        layers.append(nn.Conv3d(cin, embed_dim, kernel_size=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping (anisotropic allowed) 3D patches -> embed_dim, as a strided conv."""
+
+    def __init__(self, patch_size: tuple[int, int, int], embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(1, embed_dim, kernel_size=tuple(patch_size), stride=tuple(patch_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class VisionEncoder(nn.Module):
+    """Tokeniser (patch embedding or conv stem) + position embedding + global-attention transformer.
+
+    forward(x [B,1,D,H,W]) -> features [B, d, h, w, C] (after the final LayerNorm).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config.embed_dim
+        if config.encoder == "vit":
+            self.tokenizer: nn.Module = PatchEmbed(config.patch_size, c)
+        else:
+            self.tokenizer = ConvStem(config.stem_channels, config.stem_strides, c)
+        self.grid = config.token_grid()
+        if config.pos_embed == "learnable":
+            self.pos_embed = nn.Parameter(sincos_pos_embed_3d(self.grid, c).reshape(1, *self.grid, c).clone())
+        else:
+            self.register_buffer("pos_embed", sincos_pos_embed_3d(self.grid, c).reshape(1, *self.grid, c),
+                                 persistent=False)
+        self.blocks = nn.ModuleList(
+            [Block(c, config.num_heads, config.mlp_ratio, config.dropout) for _ in range(config.depth)]
+        )
+        self.norm = nn.LayerNorm(c)
+        self.grad_checkpointing = config.grad_checkpointing
+        self.apply(_init_weights)
+
+    def _pos(self, grid: tuple[int, int, int], x: Tensor) -> Tensor:
+        if tuple(grid) == tuple(self.grid):
+            return self.pos_embed.to(x.dtype)
+        if self.config.pos_embed == "sincos":
+            return sincos_pos_embed_3d(grid, x.shape[-1], x.device, x.dtype).reshape(1, *grid, -1)
+        pos = self.pos_embed.permute(0, 4, 1, 2, 3)
+        pos = F.interpolate(pos, size=grid, mode="trilinear", align_corners=False)
+        return pos.permute(0, 2, 3, 4, 1).to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 5 or x.shape[1] != 1:
+            raise ValueError(f"expected images [B,1,D,H,W], got {tuple(x.shape)}")
+        f = self.tokenizer(x)  # [B, C, d, h, w]
+        b, c, d, h, w = f.shape
+        f = f.permute(0, 2, 3, 4, 1) + self._pos((d, h, w), f)
+        t = f.reshape(b, d * h * w, c)
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and t.requires_grad:
+                t = checkpoint(blk, t, use_reentrant=False)
+            else:
+                t = blk(t)
+        return self.norm(t).reshape(b, d, h, w, c)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv3d):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = ["VisionEncoder", "ConvStem", "PatchEmbed", "Block", "Attention", "sincos_pos_embed_3d", "count_parameters"]

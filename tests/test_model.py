@@ -1,0 +1,270 @@
+"""ctvl.model: shapes of both encoders, text tower (offline, deterministic), scores, weights I/O and its refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from ctvl.errors import CTVLWeightsError  # noqa: E402
+from ctvl.model import (  # noqa: E402
+    CTVLModel,
+    ModelConfig,
+    demo_config,
+    load_weights,
+    save_weights,
+    split_sentences,
+    tiny_config,
+)
+from ctvl.prompts import LABELS, disease_prompts  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+REPORT = (
+    "Findings: The trachea and both main bronchi are patent. There is a 9 mm solid nodule in the right upper lobe "
+    "(series 3, image 41). No pleural effusion. Heart size is normal. Impressions: Right upper lobe lung nodule."
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, CTVLModel]:
+    torch.manual_seed(0)
+    return {enc: CTVLModel(tiny_config(enc)).eval() for enc in ("hybrid", "vit")}
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.rand(2, 1, *tiny_config().input_shape, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("encoder", ["hybrid", "vit"])
+def test_image_shapes_and_norms(models, images, encoder):
+    model = models[encoder]
+    with torch.no_grad():
+        emb = model.encode_image(images)
+    d, h, w = model.config.token_grid()
+    e = model.config.shared_dim
+    assert emb.tokens.shape == (2, d, h, w, e)
+    assert emb.pooled.shape == (2, e) and emb.bins.shape == (2, d, e)
+    torch.testing.assert_close(emb.pooled.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(emb.bins.norm(dim=-1), torch.ones(2, d))
+    assert model.bin_size * d == model.config.input_shape[0]
+    q = model.encode_text(["lung nodule", "pleural effusion"])
+    assert model.heatmap_logits(emb.tokens, q[0]).shape == (2, d, h, w)
+    assert model.heatmap_logits(emb.tokens, q).shape == (2, 2, d, h, w)
+    assert model.bin_logits(emb.bins, q[0]).shape == (2, d)
+    assert model.bin_logits(emb.bins, q).shape == (2, 2, d)
+    hm = model.heatmap_logits(emb.tokens, q[0]) / model.logit_scale.exp()
+    assert hm.abs().max() <= 1 + 1e-5  # cosine * t
+
+
+def test_learnable_pos_embed_and_other_grid():
+    model = CTVLModel(tiny_config("vit").replace(pos_embed="learnable")).eval()
+    assert "vision.pos_embed" in model.saved_state_keys()
+    with torch.no_grad():
+        emb = model.encode_image(torch.rand(1, 1, 24, 32, 40))  # not the configured grid: interpolated
+    assert emb.tokens.shape[1:4] == (6, 4, 5) and emb.bins.shape == (1, 6, model.config.shared_dim)
+
+
+def test_text_offline_deterministic_and_cached(models):
+    model = models["hybrid"]
+    a = model.encode_text(["There is a lung nodule.", "No pleural effusion."])
+    before = model.text.cache_info()["size"]
+    b = model.encode_text(["There is a lung nodule.", "No pleural effusion."])
+    assert model.text.cache_info()["size"] == before  # served from the cache
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a.norm(dim=-1), torch.ones(2))
+    assert not torch.allclose(a[0], a[1])
+    # frozen MiniLM features themselves are deterministic and meaningful (same as sentence-transformers pooling)
+    f = model.text(["lung nodule", "pulmonary nodule", "cardiomegaly"])
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(f[0], f[1], dim=0) > cos(f[0], f[2], dim=0)
+    assert model.config.text_model == "minilm" and "text.backbone" not in " ".join(model.state_dict())
+
+
+def test_reports_are_embedded_as_sentences(models):
+    model = models["hybrid"]
+    sents = split_sentences(REPORT)
+    assert sents[0].startswith("The trachea") and "Right upper lobe lung nodule." in sents
+    assert len(sents) == 5
+    long_report = " ".join(f"Sentence number {i} describes the chest in some detail." for i in range(80))
+    assert len(split_sentences(long_report)) == 80  # ~1000 word pieces: nothing truncated
+    r = model.encode_reports([REPORT, long_report, "No acute findings."])
+    assert r.shape == (3, model.config.shared_dim)
+    # a one-sentence report is the same as that text encoded as a short text
+    torch.testing.assert_close(r[2], model.encode_text(["No acute findings."])[0])
+
+
+def test_disease_logits_formulation(models, images):
+    model = models["hybrid"]
+    pos, neg = model.prompt_embeddings()
+    assert pos.shape == neg.shape == (len(LABELS), model.config.shared_dim)
+    with torch.no_grad():
+        emb = model.encode_image(images)
+        logits = model.disease_logits(emb.pooled, pos, neg)
+        t = model.disease_logit_scale.exp()
+        want = t * (emb.pooled @ pos.T - emb.pooled @ neg.T) + model.disease_bias
+        torch.testing.assert_close(logits, want)
+        probs = model.disease_probabilities(emb.pooled, ["Lung nodule", "Pneumothorax"])
+    assert probs.shape == (2, 2) and ((probs > 0) & (probs < 1)).all()
+    # identical positive and negative prompts -> p = 0.5 (no evidence either way)
+    same = model.disease_logits(emb.pooled, pos[:1], pos[:1], ["Pneumothorax"])
+    torch.testing.assert_close(torch.sigmoid(same), torch.full_like(same, 0.5))
+    p, n = disease_prompts("Lung nodule")
+    assert len(p) >= 3 and len(n) >= 3 and all("no" in s.lower() for s in n)
+
+
+def test_training_forward_backward_and_checkpointing(images):
+    torch.manual_seed(0)
+    cfg = tiny_config("hybrid")
+    model = CTVLModel(cfg).train()
+    ckpt = CTVLModel(cfg.replace(grad_checkpointing=True)).train()
+    ckpt.load_state_dict(model.state_dict())
+    outs = []
+    for m in (model, ckpt):
+        out = m(images=images, texts=["a lung nodule"], reports=[REPORT, "Normal chest CT."])
+        loss = out.image.pooled.sum() + out.image.bins.sum() + out.text.sum() + out.report.sum()
+        loss = loss + out.image.tokens.pow(2).mean()
+        loss.backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0].image.pooled, outs[1].image.pooled)
+    g0 = model.vision.blocks[0].attn.qkv.weight.grad
+    torch.testing.assert_close(g0, ckpt.vision.blocks[0].attn.qkv.weight.grad)
+    assert model.text_head[1].weight.grad.abs().sum() > 0
+    assert model.vision.tokenizer.net[0].weight.grad.abs().sum() > 0
+
+
+def test_config_round_trip_and_validation(tmp_path):
+    cfg = demo_config()
+    assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert cfg.token_grid() == (24, 10, 10) and cfg.bin_size_mm() <= 13
+    with pytest.raises(CTVLWeightsError, match="unknown encoder"):
+        ModelConfig.from_dict({**cfg.to_dict(), "encoder": "resnet"})
+    with pytest.raises(CTVLWeightsError, match="not divisible"):
+        ModelConfig(input_shape=(90, 80, 80)).validate()
+
+
+def test_save_load_round_trip(models, images, tmp_path):
+    model = models["vit"]
+    out = save_weights(model, tmp_path / "w", card="# tiny test model\n")
+    assert sorted(p.name for p in out.iterdir()) == ["card.md", "config.json", "model.safetensors", "prompts.json"]
+    loaded = load_weights(out)
+    with torch.no_grad():
+        a, b = model.encode_image(images), loaded.encode_image(images)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+        torch.testing.assert_close(model.encode_reports([REPORT]), loaded.encode_reports([REPORT]), rtol=0, atol=0)
+    assert loaded.prompts == model.prompts and loaded.config == model.config
+    # the frozen bundled MiniLM is not in the file
+    assert not any(k.startswith("text.backbone") for k in load_file(out / "model.safetensors"))
+
+
+def _saved(model, tmp_path):
+    return save_weights(model, tmp_path / "w")
+
+
+def test_load_refuses_shape_mismatch(models, tmp_path):
+    out = _saved(models["hybrid"], tmp_path)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["proj_hidden"] = 48
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CTVLWeightsError, match="shape mismatch"):
+        load_weights(out)
+
+
+def test_load_refuses_missing_and_unexpected_keys(models, tmp_path):
+    out = _saved(models["hybrid"], tmp_path)
+    tensors = load_file(out / "model.safetensors")
+    tensors.pop("logit_bias")
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(CTVLWeightsError, match="missing 1 keys"):
+        load_weights(out)
+    tensors["logit_bias"] = torch.tensor(-10.0)
+    tensors["extra.weight"] = torch.zeros(2)
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(CTVLWeightsError, match="unexpected 1 keys"):
+        load_weights(out)
+
+
+def test_load_refuses_corrupt_and_unknown(models, tmp_path):
+    out = _saved(models["hybrid"], tmp_path)
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CTVLWeightsError, match="corrupt"):
+        load_weights(out)
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(CTVLWeightsError, match="not valid JSON"):
+        load_weights(out)
+    cfg = models["hybrid"].config.to_dict()
+    (out / "config.json").write_text(json.dumps({**cfg, "encoder": "swin"}))
+    with pytest.raises(CTVLWeightsError, match="unknown encoder"):
+        load_weights(out)
+    with pytest.raises(CTVLWeightsError, match="no CTVL weights folder"):
+        load_weights(tmp_path / "nowhere")
+
+
+def test_demo_weights_missing_or_loadable():
+    from ctvl.model.weights import BUNDLED_DIR
+
+    if (BUNDLED_DIR / "demo" / "config.json").is_file():
+        model = load_weights("demo")
+        assert model.config.encoder in ("hybrid", "vit")
+    else:
+        with pytest.raises(CTVLWeightsError, match="python -m training"):
+            load_weights("demo")
+
+
+def test_fine_tuned_text_layers_saved_and_demo_size(tmp_path, images):
+    cfg = tiny_config("hybrid").replace(text_trainable_layers=1)
+    model = CTVLModel(cfg).eval()
+    keys = model.saved_state_keys()
+    text_keys = [k for k in keys if k.startswith("text.backbone")]
+    assert text_keys and all(".layer.5." in k for k in text_keys)  # top layer of 6 only
+    model.train()
+    assert model.text.backbone.encoder.layer[5].training and not model.text.backbone.encoder.layer[0].training
+    model.eval()
+    with torch.no_grad():
+        for p in model.text.backbone.encoder.layer[5].parameters():
+            p.add_(0.01)
+    out = save_weights(model, tmp_path / "ft")
+    loaded = load_weights(out)
+    torch.testing.assert_close(model.encode_text(["a nodule"]), loaded.encode_text(["a nodule"]))
+    # demo config: the saved tensors stay far below the 25 MB budget
+    demo = CTVLModel(demo_config())
+    n = sum(demo.state_dict()[k].numel() for k in demo.saved_state_keys())
+    assert n * 4 < 25e6
+
+
+def test_one_training_step_with_all_losses(images):
+    from training.losses import LossConfig, combined_loss
+
+    torch.manual_seed(0)
+    model = CTVLModel(tiny_config("hybrid")).train()
+    out = model(images=images, texts=["9 mm nodule in the right upper lobe", "small left pleural effusion"],
+                reports=[REPORT, "No pleural effusion. Normal heart size."])
+    pos, neg = model.prompt_embeddings()
+    labels = torch.full((2, len(LABELS)), float("nan"))
+    labels[:, LABELS.index("Lung nodule")] = torch.tensor([1.0, 0.0])
+    total, parts = combined_loss(
+        LossConfig(), model=model, img_pooled=out.image.pooled, report_emb=out.report, pos_emb=pos, neg_emb=neg,
+        labels=labels, bins=out.image.bins, valid_bins=torch.ones(2, model.config.token_grid()[0], dtype=torch.bool),
+        snippet_emb=out.text, target_bin=torch.tensor([1.0, 2.5]), volume_index=torch.tensor([0, 1]))
+    total.backward()
+    assert set(parts) == {"siglip", "disease", "localization"}
+    for name in ("token_head.1.weight", "bin_head.1.weight", "text_head.1.weight", "logit_scale", "logit_bias",
+                 "disease_logit_scale", "pool.query", "vision.blocks.0.attn.qkv.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert model.disease_bias.grad[LABELS.index("Lung nodule")] != 0
+    assert model.disease_bias.grad[LABELS.index("Emphysema")] == 0  # all missing: no gradient
