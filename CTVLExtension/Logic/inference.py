@@ -1,0 +1,340 @@
+"""Inference: encode a CT once, then ask many cheap questions (diseases, heatmaps, text -> slice).
+
+    model = load_model("demo")                      # or an exported weights directory
+    enc = encode(read_volume("ct.nii.gz"), model, progress=cb, cancel=event)
+    enc.disease_probabilities()                     # {"Lung nodule": 0.91, ...}
+    enc.heatmap("Lung nodule", grid="input")        # Volume with the input's exact geometry
+    enc.locate("nodule in the right upper lobe")    # [SliceHit(slice, position_mm, score), ...]
+
+Geometry: the volume is resampled with ``ctvl.geometry.to_model_space`` (the one preprocessing shared with
+training) onto an axis-aligned LPS grid (d toward S). Volumes longer than the model input are covered by a taller
+grid that is encoded in overlapping windows along d; tokens and depth bins are blended with hat weights.
+Token ``t`` of a patch of size ``p`` sits at model voxel ``t * p + (p - 1) / 2``, which is what both the
+model-grid upsampling (trilinear, ``align_corners=False``) and the token-grid geometry below encode.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ctvl.errors import CTVLInputError, CTVLWeightsError
+from ctvl.geometry import Volume
+from ctvl.runtime import (
+    CancelHooks,
+    CancelLike,
+    ProgressFn,
+    Steps,
+    TextCache,
+    autocast,
+    cancel_fn,
+    model_device,
+    model_lock,
+    model_state,
+    resolve_device,
+)
+from ctvl.tokengrid import hat_weights, plan_windows, separable_resample, z_extent_voxels
+
+__all__ = [
+    "CancelLike", "ProgressFn", "SliceHit", "TextCache", "VolumeEncoding", "cancel_fn", "check_text", "encode",
+    "load_model", "model_device", "model_input_spec", "plan_windows", "resolve_device", "separable_resample",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SliceHit:
+    """One ranked input slice: ``slice`` in the file's voxel order, ``position_mm`` its RAS S, ``score``."""
+
+    slice: int
+    position_mm: float
+    score: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"slice": self.slice, "position_mm": round(self.position_mm, 3), "score": round(self.score, 6)}
+
+
+# --------------------------------------------------------------------------------------------------- model
+
+
+def load_model(name_or_path: str | Path = "demo", device: str = "auto") -> torch.nn.Module:
+    """Load the embedded demo model (``"demo"``) or an exported weights directory, in eval mode on ``device``."""
+    torch_device = resolve_device(device)
+    try:
+        from ctvl.model import load_weights
+    except ImportError as exc:  # pragma: no cover - only while the model package is incomplete
+        raise CTVLWeightsError(str(name_or_path), f"the model code is not available ({exc})",
+                               "reinstall ctvl") from exc
+    model = load_weights(str(name_or_path), device=str(torch_device))
+    if not hasattr(model, "config") or not hasattr(model, "encode_image"):
+        raise CTVLWeightsError(str(name_or_path), "did not load as a CTVL model", "export it with training")
+    model.eval()
+    return model.to(torch_device)
+
+
+# --------------------------------------------------------------------------------------------------- config
+
+
+def _cfg(model: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(model.config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def model_input_spec(model: Any) -> tuple[tuple[float, float, float], tuple[int, int, int], tuple[float, float]]:
+    """``(spacing_dhw mm, input_shape_dhw, hu_window)`` from the model's config."""
+    spacing = tuple(float(s) for s in _cfg(model, "spacing"))
+    shape = tuple(int(s) for s in _cfg(model, "input_shape"))
+    window = tuple(float(s) for s in _cfg(model, "hu_window", default=(-1000.0, 1000.0)))
+    return spacing, shape, window  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------- encode
+
+
+def encode(volume: Volume, model: torch.nn.Module, progress: ProgressFn | None = None,
+           cancel: CancelLike = None) -> VolumeEncoding:
+    """Preprocess ``volume`` into model space and run the image encoder once (in windows along S if long)."""
+    from ctvl.geometry import to_model_space
+
+    array = getattr(volume, "array", None)
+    if array is None or np.ndim(array) != 3 or min(np.shape(array)) < 2:
+        raise CTVLInputError("volume", f"need a 3D scalar volume, got shape {np.shape(array)}",
+                             "load a CT series (not a single slice, a 4D or an RGB image)")
+    steps = Steps(progress, cancel)
+    timing: dict[str, float] = {}
+    spacing, (depth, height, width), window = model_input_spec(model)
+    t0 = time.perf_counter()
+    steps.report(0.0, "preprocessing")
+    patch_d = _patch_size(model)[0]
+    total_d, starts = plan_windows(z_extent_voxels(volume, spacing[0]), depth, patch_d)
+    array, grid = to_model_space(volume, spacing, (total_d, height, width), hu_window=window)
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    timing["preprocess"] = time.perf_counter() - t0
+    steps.report(0.1, f"encoding {len(starts)} window(s)")
+
+    device = model_device(model)
+    t1 = time.perf_counter()
+    tokens_acc = bins_acc = pooled_acc = None
+    weight_tok = None
+    patch: tuple[int, int, int] | None = None
+    with model_lock(model), torch.no_grad(), CancelHooks(model, steps), autocast(device):
+        for n, start in enumerate(starts):
+            steps.check()
+            x = torch.from_numpy(array[start:start + depth]).to(device)[None, None]
+            out = model.encode_image(x)
+            tokens = out.tokens[0].float()  # [d, h, w, E]
+            bins = out.bins[0].float()  # [d, E]
+            pooled = out.pooled[0].float()
+            if patch is None:
+                d_tok, h_tok, w_tok = tokens.shape[:3]
+                patch = (depth // d_tok, height // h_tok, width // w_tok)
+                n_tok = total_d // patch[0]
+                tokens_acc = torch.zeros((n_tok, h_tok, w_tok, tokens.shape[-1]), device=device)
+                bins_acc = torch.zeros((n_tok, bins.shape[-1]), device=device)
+                pooled_acc = torch.zeros_like(pooled)
+                weight_tok = torch.zeros(n_tok, device=device)
+            hat = torch.from_numpy(hat_weights(tokens.shape[0])).to(device) if len(starts) > 1 else \
+                torch.ones(tokens.shape[0], device=device)
+            sl = slice(start // patch[0], start // patch[0] + tokens.shape[0])
+            tokens_acc[sl] += tokens * hat[:, None, None, None]
+            bins_acc[sl] += bins * hat[:, None]
+            weight_tok[sl] += hat
+            pooled_acc += pooled
+            steps.report(0.1 + 0.85 * (n + 1) / len(starts), f"encoded window {n + 1}/{len(starts)}")
+    tokens_acc /= weight_tok[:, None, None, None]
+    bins_acc = torch.nn.functional.normalize(bins_acc / weight_tok[:, None], dim=-1)
+    pooled_acc = torch.nn.functional.normalize(pooled_acc / len(starts), dim=-1)
+    timing["encode"] = time.perf_counter() - t1
+    steps.report(1.0, "encoded")
+    return VolumeEncoding(volume=volume, model=model, tokens=tokens_acc, bins=bins_acc, pooled=pooled_acc,
+                          model_ijk_to_ras=grid, model_shape=(total_d, height, width), patch=patch,
+                          timing=timing)
+
+
+def _patch_size(model: Any) -> tuple[int, int, int]:
+    """Model voxels per token (d, h, w): ``config.downsample()`` (ctvl.model), else a patch-size field."""
+    downsample = getattr(model.config, "downsample", None)
+    if callable(downsample):
+        return tuple(int(v) for v in downsample())  # type: ignore[return-value]
+    for name in ("patch_size", "patch"):
+        value = getattr(model.config, name, None)
+        if value is not None:
+            return (int(value),) * 3 if np.isscalar(value) else tuple(int(v) for v in value)  # type: ignore
+    return (1, 1, 1)
+
+
+# --------------------------------------------------------------------------------------------------- encoding
+
+
+def check_text(text: Any, source: str = "query") -> str:
+    """Reject empty / whitespace / non-string queries with CTVLInputError."""
+    if not isinstance(text, str) or not text.strip():
+        raise CTVLInputError(source, f"empty query {text!r}", "give a non-empty text, e.g. 'nodule in the right lung'")
+    return text.strip()
+
+
+@dataclass
+class VolumeEncoding:
+    """The encoder's output for one volume, plus geometry to send every answer back to the input grid."""
+
+    volume: Volume
+    model: Any
+    tokens: torch.Tensor  # [d, h, w, E] on the model's device
+    bins: torch.Tensor  # [d, E]
+    pooled: torch.Tensor  # [E]
+    model_ijk_to_ras: np.ndarray  # 4x4 of the (possibly taller than input) model grid
+    model_shape: tuple[int, int, int]  # (D, H, W)
+    patch: tuple[int, int, int]  # (pd, ph, pw) model voxels per token
+    timing: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        state = model_state(self.model)
+        self._lock = state["lock"]
+        self.text_cache: TextCache = state["text_cache"]
+        self._slice_z = self.volume.slice_positions_mm()
+
+    # ------------------------------------------------------------------ text
+    def labels(self) -> list[str]:
+        from ctvl.prompts import LABELS
+
+        return list(getattr(self.model.config, "labels", None) or LABELS)
+
+    def _prompts(self, label: str) -> tuple[list[str], list[str]]:
+        prompts = getattr(self.model, "prompts", None)
+        if isinstance(prompts, dict) and label in prompts:
+            entry = prompts[label]
+            if isinstance(entry, dict):
+                return list(entry["positive"]), list(entry["negative"])
+            return list(entry[0]), list(entry[1])
+        from ctvl.prompts import disease_prompts
+
+        return disease_prompts(label)
+
+    def text_embedding(self, label_or_text: str) -> torch.Tensor:
+        """Embedding for a free text, or the mean positive-prompt embedding for a known label."""
+        text = check_text(label_or_text)
+        if text in self.labels():
+            return self.prompt_embeddings([text])[0][0]
+        return self.text_cache.get(text)
+
+    # ------------------------------------------------------------------ diseases
+    def prompt_embeddings(self, labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per label, the renormalised mean of its positive / negative prompt embeddings -> ([L,E], [L,E]).
+
+        All prompts go through the text LRU in one batch, so the first call costs one text-encoder pass.
+        """
+        groups = [g for lbl in labels for g in self._prompts(lbl)]
+        emb = self.text_cache.get_many([t for g in groups for t in g])
+        means, i = [], 0
+        for g in groups:
+            means.append(torch.nn.functional.normalize(emb[i:i + len(g)].mean(0), dim=-1))
+            i += len(g)
+        stacked = torch.stack(means).reshape(len(labels), 2, -1)
+        return stacked[:, 0], stacked[:, 1]
+
+    def disease_probabilities(self, labels: list[str] | None = None) -> dict[str, float]:
+        """Zero-shot probability per label: sigmoid of the model's disease_logits on the prompt embeddings."""
+        labels = [check_text(lbl, "label") for lbl in (labels if labels is not None else self.labels())]
+        if not labels:
+            return {}
+        with self._lock, torch.no_grad():
+            pos, neg = (e.to(self.pooled.device) for e in self.prompt_embeddings(labels))
+            logits = self.model.disease_logits(self.pooled[None].float(), pos, neg, labels=labels)
+            probs = torch.sigmoid(logits.float()).reshape(-1).cpu().numpy()
+        return {lbl: float(p) for lbl, p in zip(labels, probs)}
+
+    # ------------------------------------------------------------------ heatmaps
+    def token_scores(self, label_or_text: str) -> torch.Tensor:
+        """Per-token heatmap logits [d, h, w] for a label or free text."""
+        emb = self.text_embedding(label_or_text).to(self.tokens.device)
+        with self._lock, torch.no_grad():
+            return self.model.heatmap_logits(self.tokens[None], emb).reshape(self.tokens.shape[:3]).float()
+
+    def token_ijk_to_ras(self) -> np.ndarray:
+        """IJK->RAS of the token grid: token t sits at model voxel t * p + (p - 1) / 2 on each axis."""
+        pd, ph, pw = self.patch
+        scale = np.diag([pw, ph, pd, 1.0]).astype(np.float64)
+        scale[:3, 3] = [(pw - 1) / 2.0, (ph - 1) / 2.0, (pd - 1) / 2.0]
+        return self.model_ijk_to_ras @ scale
+
+    def heatmap(self, label_or_text: str, grid: str = "model") -> Volume:
+        """Heatmap as a float32 Volume on the model grid or on the input grid (exact geometry either way)."""
+        scores = self.token_scores(label_or_text)
+        if grid == "model":
+            up = torch.nn.functional.interpolate(scores[None, None], scale_factor=self.patch, mode="trilinear",
+                                                 align_corners=False)[0, 0]
+            return Volume(up.cpu().numpy().astype(np.float32, copy=False), self.model_ijk_to_ras.copy())
+        if grid == "input":
+            return self._to_input_grid(scores)
+        raise CTVLInputError(f"grid={grid!r}", "unknown heatmap grid", "use 'model' or 'input'")
+
+    def _to_input_grid(self, scores: torch.Tensor) -> Volume:
+        """Token scores -> float32 Volume on the input grid (trilinear; outside the model grid: the minimum).
+
+        Inputs whose axes are parallel to the model's (any flips/permutations, the usual case) use a separable
+        interpolation (three small weight matrices, ~10x faster than a generic resampler); oblique inputs go
+        through ``ctvl.geometry.resample``. Both follow ITK's convention: values within half a token of the grid's
+        edge are clamped, points further out get the fill value.
+        """
+        tok = scores.float()
+        fill = float(tok.min())
+        shape = tuple(int(n) for n in self.volume.array.shape[:3])
+        out = separable_resample(tok, self.token_ijk_to_ras(), self.volume.ijk_to_ras, shape, fill)
+        if out is None:
+            from ctvl.geometry import resample
+
+            vol = resample(Volume(tok.cpu().numpy(), self.token_ijk_to_ras()), self.volume.ijk_to_ras, shape,
+                           order=1, fill=fill)
+            out = np.asarray(vol.array, dtype=np.float32)
+        return Volume(out, self.volume.ijk_to_ras.copy())
+
+    # ------------------------------------------------------------------ slices
+    def bin_positions_mm(self) -> np.ndarray:
+        """RAS S (mm) of every depth bin's centre (increasing: d points toward S)."""
+        pd = self.patch[0]
+        centres = np.arange(self.bins.shape[0]) * pd + (pd - 1) / 2.0
+        ijk = np.zeros((len(centres), 3))
+        ijk[:, 0] = (self.model_shape[2] - 1) / 2.0
+        ijk[:, 1] = (self.model_shape[1] - 1) / 2.0
+        ijk[:, 2] = centres
+        return (ijk @ self.model_ijk_to_ras[:3, :3].T + self.model_ijk_to_ras[:3, 3])[:, 2]
+
+    def bin_scores(self, text: str) -> np.ndarray:
+        emb = self.text_embedding(text).to(self.bins.device)
+        with self._lock, torch.no_grad():
+            return self.model.bin_logits(self.bins[None], emb).reshape(-1).float().cpu().numpy()
+
+    def slice_scores(self, text: str) -> np.ndarray:
+        """One score per input slice (bin scores interpolated by the slices' RAS S position)."""
+        z = self.bin_positions_mm()
+        scores = self.bin_scores(text)
+        order = np.argsort(z)
+        return np.interp(self._slice_z, z[order], scores[order]).astype(np.float32)
+
+    def locate(self, text: str, top_k: int = 5, min_separation_mm: float | None = None) -> list[SliceHit]:
+        """Top-k input slices for ``text``, distinct places (non-maximum suppression within a bin's height)."""
+        if int(top_k) < 1:
+            raise CTVLInputError(f"top_k={top_k}", "need at least one slice", "use top_k >= 1")
+        scores = self.slice_scores(text)
+        if min_separation_mm is None:
+            min_separation_mm = self.patch[0] * float(abs(self.model_ijk_to_ras[2, 2]))
+        hits: list[SliceHit] = []
+        taken: list[float] = []
+        for k in np.argsort(-scores, kind="stable"):
+            z = float(self._slice_z[k])
+            if any(abs(z - t) < min_separation_mm for t in taken):
+                continue
+            hits.append(SliceHit(int(k), z, float(scores[k])))
+            taken.append(z)
+            if len(hits) >= top_k:
+                break
+        return hits

@@ -1,0 +1,266 @@
+"""ctvl.inference: geometry of every output, windows, cancel, text cache, errors (stub model + tiny real model)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ctvl.errors import CTVLCancelled, CTVLInputError, CTVLWeightsError
+from ctvl.inference import encode, load_model, plan_windows, resolve_device
+
+from tests.inference_stub import ORIENTATIONS, StubModel, make_volume, voxel_ras
+
+LESION_RAS = np.array([22.0, -12.0, 41.0])
+LESION_RADIUS = 7.0
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def lesion_volume(name: str, **kw):
+    vol = make_volume(ORIENTATIONS[name], **kw)
+    ras = voxel_ras(vol)
+    vol.array[:] = -700.0
+    vol.array[np.linalg.norm(ras - LESION_RAS, axis=-1) <= LESION_RADIUS] = 300.0
+    return vol
+
+
+@pytest.mark.parametrize("name", sorted(ORIENTATIONS))
+def test_ramp_in_ras_s_comes_back_exactly_on_the_input_grid(name):
+    """Heatmap on the input grid == windowed input where the input is a linear function of RAS S."""
+    vol = make_volume(ORIENTATIONS[name], shape_kji=(45, 37, 41) if name != "sagittal_stack" else (41, 37, 45))
+    ras = voxel_ras(vol)
+    z0 = vol.ijk_to_ras_points((np.array(vol.shape_ijk) - 1) / 2)[0, 2]
+    vol.array[:] = 5.0 * (ras[..., 2] - z0)  # HU ramp along S, inside the stub's window
+    enc = encode(vol, StubModel())
+    heat = enc.heatmap("bright", grid="input")
+    assert heat.array.shape == vol.array.shape and heat.array.dtype == np.float32
+    np.testing.assert_allclose(heat.ijk_to_ras, vol.ijk_to_ras)
+    expected = (vol.array + 1000.0) / 2000.0
+    # interior: 12 mm from every face of the input and 1.5 tokens inside the model grid's field of view
+    k, j, i = np.indices(vol.array.shape)
+    sp = vol.spacing
+    margin = np.minimum.reduce([np.minimum(i, vol.shape_ijk[0] - 1 - i) * sp[0],
+                                np.minimum(j, vol.shape_ijk[1] - 1 - j) * sp[1],
+                                np.minimum(k, vol.shape_ijk[2] - 1 - k) * sp[2]])
+    model_ijk = (ras.reshape(-1, 3) - enc.model_ijk_to_ras[:3, 3]) @ np.linalg.inv(enc.model_ijk_to_ras[:3, :3]).T
+    shape_ijk = np.array(enc.model_shape[::-1])
+    in_fov = np.all((model_ijk >= 3) & (model_ijk <= shape_ijk - 4), axis=1).reshape(vol.array.shape)
+    interior = (margin > 12.0) & in_fov
+    assert interior.sum() > 500
+    np.testing.assert_allclose(heat.array[interior], expected[interior], atol=1e-3)
+
+    # model grid: same function of RAS there too (half a token off would be 0.0075 here)
+    mheat = enc.heatmap("bright", grid="model")
+    assert mheat.array.shape == enc.model_shape
+    mras = voxel_ras(mheat)
+    vijk = vol.ras_to_ijk_points(mras.reshape(-1, 3))
+    n_ijk = np.array(vol.shape_ijk)
+    deep = np.all(np.minimum(vijk, n_ijk - 1 - vijk) * sp > 12.0, axis=1).reshape(mheat.array.shape)
+    assert deep.sum() > 200
+    np.testing.assert_allclose(mheat.array[deep], (5.0 * (mras[..., 2][deep] - z0) + 1000) / 2000, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(ORIENTATIONS))
+def test_lesion_heatmap_peak_and_located_slice_land_on_the_lesion(name):
+    vol = lesion_volume(name, shape_kji=(60, 47, 51), spacing_ijk=(1.3, 1.1, 1.7))
+    enc = encode(vol, StubModel())
+    heat = enc.heatmap("bright", grid="input")
+    peak = np.unravel_index(int(np.argmax(heat.array)), heat.array.shape)
+    peak_ras = vol.ijk_to_ras_points(np.array(peak[::-1], dtype=float))[0]
+    assert np.linalg.norm(peak_ras - LESION_RAS) < 6.0
+
+    mheat = enc.heatmap("bright", grid="model")
+    mpeak = np.unravel_index(int(np.argmax(mheat.array)), mheat.array.shape)
+    assert np.linalg.norm(mheat.ijk_to_ras_points(np.array(mpeak[::-1], float))[0] - LESION_RAS) < 6.0
+
+    hits = enc.locate("bright", top_k=3)
+    assert len(hits) == 3
+    best = hits[0]
+    assert best.position_mm == pytest.approx(vol.slice_positions_mm()[best.slice])
+    assert abs(best.position_mm - LESION_RAS[2]) <= 6.0  # one depth bin = 2 model slices x 3 mm
+    positions = [h.position_mm for h in hits]
+    assert all(abs(a - b) >= 6.0 for n, a in enumerate(positions) for b in positions[n + 1:])  # NMS
+    scores = enc.slice_scores("bright")
+    assert scores.shape == (vol.n_slices,) and int(np.argmax(scores)) == best.slice
+
+
+def test_long_volume_is_encoded_in_overlapping_windows():
+    vol = lesion_volume("lps", shape_kji=(90, 30, 30), spacing_ijk=(1.5, 1.5, 1.5))  # 135 mm > 48 mm input
+    model = StubModel()
+    enc = encode(vol, model)
+    assert model.image_calls > 2
+    assert enc.model_shape[0] * 3.0 >= 135.0 and enc.tokens.shape[0] == enc.model_shape[0] // 2
+    hit = enc.locate("bright", top_k=1)[0]
+    assert abs(hit.position_mm - LESION_RAS[2]) <= 6.0
+    total, starts = plan_windows(100, 16, 2)
+    assert starts[0] == 0 and starts[-1] + 16 == total and total >= 100
+    assert all(b - a < 16 for a, b in zip(starts, starts[1:]))  # windows overlap
+
+
+def test_text_cache_labels_and_probabilities():
+    model = StubModel()
+    enc = encode(lesion_volume("ras"), model)
+    enc.locate("a new free text")
+    calls = model.text_calls
+    enc.locate("a new free text")
+    enc.heatmap("a new free text")
+    assert model.text_calls == calls
+    probs = enc.disease_probabilities()
+    assert list(probs) == list(model.config.labels) and all(0.0 <= p <= 1.0 for p in probs.values())
+    assert enc.heatmap("Lung nodule").array.shape == enc.model_shape
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "\n\t"])
+def test_empty_queries_are_rejected(bad):
+    enc = encode(lesion_volume("ras"), StubModel())
+    for call in (enc.locate, enc.slice_scores, enc.heatmap):
+        with pytest.raises(CTVLInputError):
+            call(bad)
+
+
+def test_cancel_before_between_and_inside_forward():
+    vol = lesion_volume("ras", shape_kji=(90, 30, 30), spacing_ijk=(1.5, 1.5, 1.5))
+    event = threading.Event()
+    event.set()
+    with pytest.raises(CTVLCancelled):
+        encode(vol, StubModel(), cancel=event)
+    model = StubModel()
+    with pytest.raises(CTVLCancelled):
+        encode(vol, model, cancel=lambda: model.image_calls >= 1)  # stops after the first window
+    assert model.image_calls == 1
+    n = {"checks": 0}
+
+    def cancel_inside() -> bool:
+        n["checks"] += 1
+        return model.image_calls >= 1  # set by the first forward, noticed by its own submodule hook
+
+    model = StubModel()
+    with pytest.raises(CTVLCancelled):
+        encode(vol, model, cancel=cancel_inside)
+
+
+def test_encode_in_worker_thread_reports_progress():
+    seen: list[tuple[float, str]] = []
+    out = {}
+    vol = lesion_volume("ras")
+    worker = threading.Thread(target=lambda: out.setdefault("enc", encode(vol, StubModel(),
+                                                                        progress=lambda f, m: seen.append((f, m)))))
+    worker.start()
+    worker.join(30)
+    assert "enc" in out and seen[0][0] == 0.0 and seen[-1][0] == 1.0
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+
+
+def test_devices():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(CTVLInputError, match="cpu"):
+            resolve_device("cuda")
+    with pytest.raises(CTVLInputError):
+        resolve_device("tpu")
+
+
+# ------------------------------------------------------------------------------------------ the real model
+model_mod = pytest.importorskip("ctvl.model", reason="ctvl.model not available")
+
+
+def _tiny_model():
+    if not hasattr(model_mod, "CTVLModel") or not hasattr(model_mod, "save_weights"):
+        pytest.skip("ctvl.model has no CTVLModel/save_weights yet")
+    from ctvl.model.config import tiny_config
+
+    torch.manual_seed(0)
+    return model_mod.CTVLModel(tiny_config()).eval()
+
+
+def test_tiny_real_model_end_to_end_and_weights_round_trip(tmp_path: Path):
+    model = _tiny_model()
+    vol = lesion_volume("oblique", shape_kji=(40, 36, 36), spacing_ijk=(4.0, 4.0, 5.0))
+    enc = encode(vol, model)
+    probs = enc.disease_probabilities()
+    assert len(probs) == 18 and all(0.0 <= p <= 1.0 for p in probs.values())
+    reference = model.disease_probabilities(enc.pooled[None])[0]  # the model's own zero-shot path
+    np.testing.assert_allclose(list(probs.values()), reference.numpy(), atol=1e-5)
+    assert enc.heatmap("Lung nodule", grid="model").array.shape == enc.model_shape
+    assert enc.heatmap("nodule in the right upper lobe", grid="input").array.shape == vol.array.shape
+    assert len(enc.locate("nodule in the right upper lobe", top_k=2)) == 2
+
+    model_mod.save_weights(model, tmp_path / "w")
+    loaded = load_model(tmp_path / "w", device="cpu")
+    again = encode(vol, loaded).disease_probabilities()
+    for label, p in probs.items():
+        assert again[label] == pytest.approx(p, abs=1e-4)
+
+    with pytest.raises(CTVLWeightsError):
+        load_model(tmp_path / "missing", device="cpu")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((tmp_path / "w" / "config.json").read_text())
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CTVLWeightsError):
+        load_model(corrupt, device="cpu")
+
+
+DEMO = Path(__file__).resolve().parents[1] / "CTVLExtension" / "Logic" / "weights" / "demo"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEMO / "model.safetensors").exists(), reason="embedded demo weights not trained yet")
+def test_demo_model_finds_a_phantom_lesion():
+    from ctvl.phantom import generate_case
+
+    case = generate_case(seed=7, index=0, force_labels=["Lung nodule"])
+    nodules = [f for f in case.findings if f.label == "Lung nodule"]
+    finding = max(nodules, key=lambda f: f.size_mm or 0.0)
+    enc = encode(case.volume, load_model("demo", device="cpu"))
+    heat = enc.heatmap("Lung nodule", grid="input").array
+    assert case.mask.flat[int(np.argmax(heat))] in {f.mask_value for f in nodules}  # peak inside a nodule
+    hit = enc.locate(finding.sentence, top_k=1)[0]
+    lo, hi = finding.slice_range
+    assert lo - 2 <= hit.slice <= hi + 2
+
+
+@pytest.mark.parametrize("name", ["ras", "lps", "inferior_first", "sagittal_stack"])
+def test_fast_input_grid_path_matches_the_generic_resampler(name):
+    from ctvl.geometry import Volume as Vol
+    from ctvl.geometry import resample
+
+    vol = lesion_volume(name, shape_kji=(33, 29, 45), spacing_ijk=(2.1, 1.7, 2.9))  # wider than the model FOV
+    enc = encode(vol, StubModel())
+    scores = enc.token_scores("a free text")
+    fast = enc.heatmap("a free text", grid="input").array
+    ref = resample(Vol(scores.numpy(), enc.token_ijk_to_ras()), vol.ijk_to_ras, vol.array.shape, order=1,
+                   fill=float(scores.min())).array
+    assert (ref == float(scores.min())).any()  # some voxels lie outside the model grid
+    np.testing.assert_allclose(fast, ref, atol=1e-5)
+
+
+def test_no_state_left_on_or_kept_for_the_model():
+    import gc
+    import weakref
+
+    model = StubModel()
+    encode(lesion_volume("ras"), model).locate("bright")
+    assert not [k for k in vars(model) if k.startswith("_ctvl")]
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (2, 8, 16, 16), (8, 16, 16, 3), (1, 16, 16)])
+def test_encode_rejects_non_3d_volumes(shape):
+    from ctvl.geometry import Volume as Vol
+
+    with pytest.raises(CTVLInputError):
+        encode(Vol(np.zeros(shape, np.float32)), StubModel())
