@@ -1,0 +1,145 @@
+"""training.data: CT-RATE layout, rescale/spacing rules, cache, snippet targets, annotations, bad volumes."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from tests.training_helpers import make_data
+from training.data import CTRateDataset, Preprocess, collate, load_ctrate_volume, read_csv_by_name, volume_path
+
+PRE = Preprocess((8.0, 8.0, 8.0), (16, 32, 32), (-1000.0, 400.0))
+
+
+@pytest.fixture()
+def data(tmp_path):
+    torch.set_num_threads(1)
+    return make_data(tmp_path / "d", n=6)
+
+
+def _ds(root, **kw):
+    ds = CTRateDataset(root, "train", PRE, bin_depth=2, **kw)
+    ds.prepare(workers=1, progress=False)
+    return ds
+
+
+def test_layout_rescale_and_metadata_spacing(tmp_path):
+    from training.synthetic import write_synthetic_dataset
+
+    root = tmp_path / "blank"
+    write_synthetic_dataset(root, n=1, header_spacing=False)  # first-release style: unit spacing, stored values
+    name = "train_1_a_1.nii.gz"
+    path = volume_path(root, "train", name)
+    assert path == root / "train" / "train_1" / "train_1_a" / name
+    meta = read_csv_by_name(root / "metadata" / "train_metadata.csv")[name]
+    vol = load_ctrate_volume(path, meta)
+    assert np.allclose(vol.spacing, 5.0)  # from XYSpacing / ZSpacing
+    assert vol.array.min() < -900  # HU = stored - 1024 (metadata rescale applied once)
+
+
+def test_header_scaling_is_not_applied_twice(tmp_path):
+    from training.synthetic import write_small_phantom
+
+    root = write_small_phantom(tmp_path / "ph", n=1, split="train", shape=(32, 48, 48))
+    name = "train_1_a_1.nii.gz"
+    meta = read_csv_by_name(root / "metadata" / "train_metadata.csv")[name]
+    vol = load_ctrate_volume(volume_path(root, "train", name), meta)
+    assert -1100 < vol.array.min() < -900  # scl_inter in the header -> metadata intercept not applied again
+
+
+def test_items_cache_and_snippets(data):
+    ds = _ds(data)
+    assert len(ds) == 6 and not ds.bad
+    st = ds.snippet_stats
+    assert st["mined"] == 3 and st["kept"] + st["outside_grid"] + st["unmappable"] == st["mined"]
+    item = ds[0]
+    assert item["image"].shape == (1, 16, 32, 32) and item["image"].dtype == torch.float32
+    assert float(item["image"].min()) >= 0.0 and float(item["image"].max()) <= 1.0
+    assert item["labels"].shape == (18,)
+    files = sorted(ds.cache_dir.glob("*.npy"))
+    assert len(files) == 6 and np.load(files[0]).dtype == np.float16
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    ds2 = _ds(data)  # cache hit: nothing rewritten
+    assert [f.stat().st_mtime_ns for f in sorted(ds2.cache_dir.glob("*.npy"))] == mtimes
+    other = CTRateDataset(data, "train", Preprocess((8.0, 8.0, 8.0), (16, 32, 32), (-900.0, 300.0)))
+    other.prepare(progress=False)  # another HU window -> another cache key
+    assert len(list(ds.cache_dir.glob("*.npy"))) == 12
+    # snippet target: fractional bin of the cited slice's model depth
+    r = next(r for r in ds.records if r.snippets)
+    text, depth, fbin, sl = r.snippets[0]
+    info = ds._info(r)
+    a = np.asarray(info["model_ijk_to_ras"])
+    assert depth == pytest.approx((info["slice_positions_mm"][sl] - a[2, 3]) / a[2, 2])
+    assert fbin == pytest.approx((depth + 0.5) / 2 - 0.5)
+
+
+def test_augmentation_is_deterministic_and_keeps_sides(data):
+    from training.config import AugmentConfig
+
+    ds = _ds(data, augment=AugmentConfig(prob=1.0, translate_vox=0.0), seed=3)
+    a, b = ds[1]["image"], ds[1]["image"]
+    assert torch.equal(a, b)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[1]["image"], a)
+    plain = _ds(data)[1]["image"]
+    # intensity/noise only: correlation with the un-augmented volume stays high (no flip)
+    assert np.corrcoef(a.numpy().ravel(), plain.numpy().ravel())[0, 1] > 0.9
+    assert np.corrcoef(torch.flip(a, [-1]).numpy().ravel(), plain.numpy().ravel())[0, 1] < \
+        np.corrcoef(a.numpy().ravel(), plain.numpy().ravel())[0, 1]
+
+
+def test_corrupt_and_missing_volumes_are_skipped(data, caplog):
+    (volume_path(data, "train", "train_2_a_1.nii.gz")).write_bytes(b"not a nifti at all")
+    volume_path(data, "train", "train_3_a_1.nii.gz").unlink()
+    with caplog.at_level(logging.WARNING):
+        ds = _ds(data)
+    assert ds.bad == {"train_2_a_1.nii.gz", "train_3_a_1.nii.gz"}
+    assert sum("skipping volume" in r.message for r in caplog.records) == 2
+    assert ds[1] is None and ds[2] is None
+    batch = collate([ds[i] for i in range(4)])
+    assert batch["image"].shape[0] == 2 and batch["names"] == ["train_1_a_1.nii.gz", "train_4_a_1.nii.gz"]
+    assert collate([None, None]) is None
+
+
+def test_training_survives_bad_volumes(data, tmp_path):
+    from tests.training_helpers import tiny_config
+    from training.engine import train
+
+    (volume_path(data, "train", "train_2_a_1.nii.gz")).write_bytes(b"corrupt")
+    summary = train(tiny_config(data, **{"train.max_steps": 3}), tmp_path / "run", progress=False)
+    assert summary["step"] == 3 and summary["skipped_volumes"] == ["train_2_a_1.nii.gz"]
+
+
+def test_annotations_override_mined_pairs(data, tmp_path):
+    from ctvl.annotations import make_record
+
+    ds = _ds(data)
+    mined = [(r.name, s) for r in ds.records for s in r.snippets]
+    assert len(mined) >= 2
+    (n0, s0), (n1, s1) = mined[0], mined[1]
+    ref0 = _ref(ds, n0)
+    ref1 = _ref(ds, n1)
+    recs = [
+        make_record(volume=n0, report_id=n0, snippet=s0[0], series=ref0.series, image=ref0.image,
+                    mined_slice=s0[3], status="corrected", verified_slice=s0[3] + 1),
+        make_record(volume=n1, report_id=n1, snippet=s1[0], series=ref1.series, image=ref1.image,
+                    mined_slice=s1[3], status="rejected"),
+    ]
+    path = tmp_path / "ann.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ds2 = _ds(data, annotations=path)
+    got = {r.name: r.snippets for r in ds2.records}
+    assert [s[3] for s in got[n0]] == [s0[3] + 1]
+    assert got[n1] == []
+    assert ds2.snippet_stats["verified"] == 1
+
+
+def _ref(ds, name):
+    from ctvl.snippets import mine_references
+
+    r = next(r for r in ds.records if r.name == name)
+    return mine_references(r.text)[0]

@@ -1,0 +1,92 @@
+"""Training loop: loss falls, kill-and-resume is exact, export -> load round trip, 2-process gloo DDP."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from tests.training_helpers import ROOT, final_state, make_data, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    torch.set_num_threads(1)
+    return make_data(tmp_path_factory.mktemp("tinydata"))
+
+
+def test_loss_falls(data, tmp_path):
+    from training.engine import train
+
+    cfg = tiny_config(data, **{"train.max_steps": 12, "data.augment.enabled": "false", "optim.warmup_steps": 1})
+    summary = train(cfg, tmp_path / "run", progress=False)
+    losses = summary["losses"]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert (tmp_path / "run" / "log.csv").is_file() and (tmp_path / "run" / "config.yaml").is_file()
+    assert summary["snippet_stats"]["kept"] > 0
+
+
+def test_kill_and_resume_is_exact(data, tmp_path):
+    from training.engine import train
+
+    cfg = tiny_config(data, **{"train.max_steps": 6, "train.checkpoint_every": 100})
+    train(cfg, tmp_path / "full", progress=False)
+    train(cfg, tmp_path / "split", progress=False, stop_after=4)  # "killed" after step 4 (mid-epoch 2)
+    train(cfg, tmp_path / "split", resume=True, progress=False)
+    a, b = final_state(tmp_path / "full"), final_state(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_export_load_round_trip(data, tmp_path):
+    from ctvl.model import load_weights
+
+    from training.engine import latest_checkpoint, train
+    from training.export import export, model_from_checkpoint
+
+    cfg = tiny_config(data, **{"train.max_steps": 2})
+    train(cfg, tmp_path / "run", progress=False)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    out = export(ckpt, tmp_path / "weights")
+    assert {"config.json", "model.safetensors", "prompts.json", "card.md"} <= {p.name for p in out.iterdir()}
+    a, _ = model_from_checkpoint(ckpt)
+    b = load_weights(out)
+    x = torch.rand(2, 1, *a.config.input_shape)
+    with torch.no_grad():
+        ea, eb = a.encode_image(x), b.encode_image(x)
+        assert torch.equal(ea.pooled, eb.pooled) and torch.equal(ea.bins, eb.bins)
+        ta, tb = a.encode_text(["a lung nodule"]), b.encode_text(["a lung nodule"])
+        assert torch.equal(ta, tb)
+
+
+def test_ddp_two_processes_gloo(data, tmp_path):
+    """torchrun-equivalent: 2 CPU processes, gloo; ranks end with identical weights."""
+    import subprocess
+
+    out = tmp_path / "ddp"
+    args = ["train", "--config", str(ROOT / "training/configs/tiny-test.yaml"), "--data", str(data), "--out",
+            str(out), "--no-progress", "--override", "train.max_steps=3", "--override", "train.batch_size=1",
+            "--override", "train.checkpoint_every=100", "--override", f"data.cache_dir={tmp_path / 'cache'}"]
+    script = (
+        "import sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from training.__main__ import main\n"
+        f"sys.exit(main({args!r}))\n"
+    )
+    (tmp_path / "ddp_main.py").write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "ddp_main.py")]  # --standalone: torchrun picks a free rendezvous port itself
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 3
+    digests = summary["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]

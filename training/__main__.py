@@ -1,0 +1,109 @@
+"""``python -m training train|evaluate|export`` (train also runs under ``torchrun --nproc_per_node N``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ctvl.errors import CTVLError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.engine import train
+    from training.utils import dist_info
+
+    overrides = list(args.override or [])
+    if args.data:
+        overrides.append(f"data.root={args.data}")
+        overrides.append("data.generate.enabled=false")
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out or Path("runs") / cfg.name)
+    summary = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    if dist_info()[0] == 0:
+        last = summary["losses"][-1] if summary["losses"] else float("nan")
+        print(f"trained {summary['step']} steps -> {out} (last loss {last:.4f})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate, format_table
+    from training.utils import atomic_write_bytes
+
+    report = evaluate(
+        args.weights, args.data, split=args.split, val_split=args.val_split, baseline=args.baseline,
+        batch_size=args.batch_size, pool_size=args.pool_size, max_volumes=args.max_volumes,
+        threshold_rule=args.threshold_rule, device=args.device, cache_dir=args.cache_dir, workers=args.workers,
+        heatmaps=not args.no_heatmaps,
+    )
+    atomic_write_bytes(Path(args.out), json.dumps(report, indent=1, default=float).encode())
+    print(format_table(report))
+    print(f"report -> {args.out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from training.engine import latest_checkpoint
+    from training.export import export
+
+    ckpt = Path(args.checkpoint)
+    if ckpt.is_dir():
+        found = latest_checkpoint(ckpt)
+        if found is None:
+            raise SystemExit(f"{ckpt}: no checkpoint found (expected checkpoints/step_*.pt)")
+        ckpt = found
+    path = export(ckpt, args.out, args.eval)
+    print(f"weights -> {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train from a YAML config")
+    t.add_argument("--config", required=True)
+    t.add_argument("--out", help="run directory (default runs/<config name>)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--data", help="dataset root (overrides data.root, disables auto-generation)")
+    t.add_argument("--override", action="append", metavar="KEY=VALUE", help="e.g. train.max_steps=10 (repeatable)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(run=_train)
+    e = sub.add_parser("evaluate", help="CT-RATE protocol + localization/heatmap checks")
+    e.add_argument("--weights", help="weights dir or 'demo' (not needed with --baseline)")
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="valid")
+    e.add_argument("--val-split", help="split used to fix thresholds (e.g. valid when evaluating test)")
+    e.add_argument("--out", default="report.json")
+    e.add_argument("--baseline", choices=["random", "prevalence"])
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--pool-size", type=int, default=100)
+    e.add_argument("--max-volumes", type=int)
+    e.add_argument("--threshold-rule", choices=["youden", "f1"], default="youden")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--cache-dir")
+    e.add_argument("--workers", type=int, default=1)
+    e.add_argument("--no-heatmaps", action="store_true")
+    e.set_defaults(run=_evaluate)
+    x = sub.add_parser("export", help="checkpoint -> weights directory")
+    x.add_argument("checkpoint", help="a checkpoint .pt or a run directory (latest checkpoint)")
+    x.add_argument("--out", required=True)
+    x.add_argument("--eval", help="evaluation report.json to put in card.md")
+    x.set_defaults(run=_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CTVLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

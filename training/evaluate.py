@@ -1,0 +1,381 @@
+"""The CT-RATE evaluation protocol (+ localization and heatmap checks against phantom ground truth).
+
+- Zero-shot classification with the positive/negative prompt pair: per-label and mean AUROC, F1, accuracy,
+  precision. Thresholds: (a) ``eval_set``: picked per class on the evaluation set itself (CT-CLIP's Youden rule;
+  flatters F1), (b) ``fixed_on_valid``: picked the same way on ``--val-split`` and applied unchanged.
+- Report -> volume retrieval Recall@1/5/10/50 inside pools of ``pool_size`` volumes (CT-CLIP's "R@10 among 100").
+- Snippet localization: predicted slice = the best depth bin's centre mapped to the input slice; error |delta| in
+  slices and mm, % inside the finding's slice range (phantom ``ground_truth.jsonl``; else the cited slice).
+- Heatmaps (phantom masks): pointing game (argmax of the label-prompt heatmap on the input grid inside the
+  finding's mask, focal findings) and mass-in-mask (share of the heatmap mass above its mean inside the mask).
+- ``baseline``: ``random`` (random scores/embeddings/heatmaps) or ``prevalence`` (label prevalence as the score,
+  centre slice, flat heatmap), so the benchmark shows what a trivial model gets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ctvl.prompts import LABELS
+
+from training import metrics as M
+from training.data import CTRateDataset, Preprocess, collate
+
+log = logging.getLogger(__name__)
+
+FOCAL_LABELS = {"Lung nodule", "Consolidation", "Lung opacity", "Atelectasis", "Lymphadenopathy", "Hiatal hernia",
+                "Pericardial effusion", "Pleural effusion", "Bronchiectasis"}
+
+
+# ------------------------------------------------------------------------------------------- predictors
+
+
+class ModelPredictor:
+    def __init__(self, model, device: torch.device) -> None:
+        self.model = model.eval().to(device)
+        self.device = device
+        self.bin_size = int(model.config.downsample()[0])
+        with torch.no_grad():
+            self.pos, self.neg = model.prompt_embeddings()
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, heat_labels: list[list[int]]) -> dict:
+        m = self.model
+        emb = m.encode_image(batch["image"].to(self.device))
+        probs = torch.sigmoid(m.disease_logits(emb.pooled, self.pos, self.neg)).float().cpu().numpy()
+        reports = m.encode_reports(batch["text"]).float().cpu().numpy()
+        bins = []
+        if batch["snippets"]:
+            snip = m.encode_text(batch["snippets"])
+            owner = batch["snippet_owner"].to(self.device)
+            b = torch.nn.functional.normalize(emb.bins[owner], dim=-1)
+            logits = torch.einsum("sde,se->sd", b, snip)
+            valid = batch["bin_valid"].to(self.device)[owner]
+            bins = list(logits.masked_fill(~valid, float("-inf")).float().cpu().numpy())  # argmax over the scan
+        heats = []
+        for i, labs in enumerate(heat_labels):
+            heats.append({lab: m.heatmap_logits(emb.tokens[i : i + 1], self.pos[lab])[0].float().cpu().numpy()
+                          for lab in labs})
+        return {"probs": probs, "image": emb.pooled.float().cpu().numpy(), "report": reports, "bins": bins,
+                "heat": heats}
+
+
+class BaselinePredictor:
+    """``random``: random everything; ``prevalence``: label prevalence, centre slice, flat heatmap."""
+
+    def __init__(self, kind: str, token_grid: tuple[int, int, int], bin_size: int, prevalence: np.ndarray,
+                 seed: int = 0) -> None:
+        if kind not in ("random", "prevalence"):
+            raise ValueError(f"unknown baseline {kind!r} (random | prevalence)")
+        self.kind, self.grid, self.bin_size, self.prev = kind, token_grid, bin_size, prevalence
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, batch: dict, heat_labels: list[list[int]]) -> dict:
+        n, s, d = len(batch["text"]), len(batch["snippets"]), self.grid[0]
+        if self.kind == "random":
+            probs = self.rng.random((n, len(LABELS)))
+            bins = list(self.rng.random((s, d)))
+            heats = [{lab: self.rng.random(self.grid) for lab in labs} for labs in heat_labels]
+        else:
+            probs = np.tile(np.nan_to_num(self.prev, nan=0.0), (n, 1))
+            centre = np.zeros(d)
+            centre[d // 2] = 1.0
+            bins = [centre.copy() for _ in range(s)]
+            heats = [{lab: np.ones(self.grid) for lab in labs} for labs in heat_labels]
+        return {"probs": probs, "image": self.rng.normal(size=(n, 32)), "report": self.rng.normal(size=(n, 32)),
+                "bins": bins, "heat": heats}
+
+
+# ------------------------------------------------------------------------------------------- ground truth
+
+
+def load_ground_truth(root: Path, split: str) -> dict[str, dict]:
+    """Phantom ``ground_truth.jsonl`` records keyed by volume name (empty when absent)."""
+    out: dict[str, dict] = {}
+    candidates = (root / "ground_truth.jsonl", root / split / "ground_truth.jsonl")
+    for path in candidates:
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                name = rec.get("volume_name") or rec.get("volume") or rec.get("VolumeName")
+                if name and rec.get("split", split) == split:
+                    out[Path(name).name] = rec
+    return out
+
+
+def _norm(text: str) -> str:
+    return " ".join("".join(c.lower() if c.isalnum() else " " for c in text).split())
+
+
+def match_finding(findings: list[dict], snippet: str, cited: int) -> dict | None:
+    """The ground-truth finding a mined snippet talks about: sentence overlap first, then the cited slice."""
+    sn = _norm(snippet)
+    for f in findings:
+        sent = _norm(f.get("sentence", ""))
+        if sent and (sn in sent or sent in sn):
+            return f
+    inside = [f for f in findings if f.get("slice_range") and f["slice_range"][0] <= cited <= f["slice_range"][1]]
+    if inside:
+        return inside[0]
+    return None
+
+
+def _mask_path(root: Path, split: str, name: str, rec: dict) -> Path | None:
+    for key in ("mask", "mask_path"):
+        if rec.get(key):
+            p = Path(rec[key])
+            return p if p.is_absolute() else root / p
+    for p in (root / "masks" / split / name, root / "masks" / name):
+        if p.is_file():
+            return p
+    hits = list((root / "masks").rglob(name)) if (root / "masks").is_dir() else []
+    return hits[0] if hits else None
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def _token_affine(model_affine: np.ndarray, bin_size: tuple[int, int, int]) -> np.ndarray:
+    """IJK->RAS of the token grid: token (a,b,c) = centre of model voxels [a*p, (a+1)*p) per axis."""
+    p_ijk = np.array(bin_size[::-1], dtype=np.float64)
+    out = np.array(model_affine, dtype=np.float64)
+    out[:3, 3] = out[:3, :3] @ ((p_ijk - 1) / 2) + out[:3, 3]
+    out[:3, :3] = out[:3, :3] * p_ijk
+    return out
+
+
+def _dataset(root, split, pre, bin_size, max_volumes, cache_dir, workers) -> CTRateDataset:
+    ds = CTRateDataset(root, split, pre, cache_dir=cache_dir, bin_depth=bin_size, augment=None,
+                       max_volumes=max_volumes, max_snippets=1000)
+    ds.prepare(workers=workers, progress=True)
+    return ds
+
+
+def classification_scores(ds: CTRateDataset, predictor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    probs, labels = [], []
+    for batch in _batches(ds, batch_size):
+        probs.append(predictor(batch, [[] for _ in batch["names"]])["probs"])
+        labels.append(batch["labels"].numpy())
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def _batches(ds: CTRateDataset, batch_size: int):
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    for batch in loader:
+        if batch is not None:
+            yield batch
+
+
+def classification_report(probs: np.ndarray, labels: np.ndarray, thresholds: dict[str, np.ndarray]) -> dict:
+    out: dict[str, Any] = {"per_label": {}, "mean": {}}
+    rows = []
+    for j, name in enumerate(LABELS):
+        ok = ~np.isnan(labels[:, j])
+        y, s = labels[ok, j] > 0.5, probs[ok, j]
+        row: dict[str, Any] = {"n": int(ok.sum()), "positives": int(y.sum()), "auroc": M.auroc(y, s)}
+        for rule, th in thresholds.items():
+            row[rule] = {"threshold": float(th[j]), **M.binary_metrics(y, s >= th[j])}
+        out["per_label"][name] = row
+        rows.append(row)
+    # means over labels with both classes present (AUROC is undefined otherwise; F1 would be a meaningless 0)
+    both = [r for r in rows if 0 < r["positives"] < r["n"]]
+    out["mean"]["n_labels"] = len(both)
+    out["mean"]["auroc"] = float(np.mean([r["auroc"] for r in both])) if both else float("nan")
+    for rule in thresholds:
+        out["mean"][rule] = {k: float(np.mean([r[rule][k] for r in both])) if both else float("nan")
+                             for k in ("f1", "accuracy", "precision", "recall")}
+    return out
+
+
+def pick_thresholds(probs: np.ndarray, labels: np.ndarray, rule: str) -> np.ndarray:
+    th = np.full(len(LABELS), 0.5)
+    for j in range(len(LABELS)):
+        ok = ~np.isnan(labels[:, j])
+        y = labels[ok, j] > 0.5
+        if 0 < y.sum() < y.size:
+            th[j] = M.pick_threshold(y, probs[ok, j], rule)
+    return th
+
+
+def evaluate(
+    weights: str | None, data: str | Path, split: str = "valid", val_split: str | None = None,
+    baseline: str | None = None, batch_size: int = 4, pool_size: int = 100, max_volumes: int | None = None,
+    threshold_rule: str = "youden", device: str = "cpu", cache_dir: str | None = None, workers: int = 1,
+    heatmaps: bool = True, seed: int = 0,
+) -> dict:
+    """Run the protocol on ``data/split``; returns the report dict (see module docstring)."""
+    from ctvl.geometry import Volume, resample
+    from ctvl.io import read_volume
+    from ctvl.model import ModelConfig
+
+    root = Path(data)
+    model = None
+    if weights:
+        from ctvl.model import load_weights
+
+        model = load_weights(weights, device="cpu")
+        mc = model.config
+    else:
+        if not baseline:
+            raise ValueError("give --weights or --baseline")
+        mc = ModelConfig()
+    pre = Preprocess.from_model_config(mc)
+    bsize = tuple(int(x) for x in mc.downsample())
+    ds = _dataset(root, split, pre, bsize[0], max_volumes, cache_dir, workers)
+    val_ds = None
+    if val_split and (root / "radiology_text_reports" / f"{val_split}_reports.csv").is_file():
+        val_ds = _dataset(root, val_split, pre, bsize[0], max_volumes, cache_dir, workers)
+    if baseline:
+        prev = np.nanmean(np.stack([r.labels for r in (val_ds or ds).records]), axis=0)
+        predictor = BaselinePredictor(baseline, tuple(mc.token_grid()), bsize[0], prev, seed)
+    else:
+        predictor = ModelPredictor(model, torch.device(device))
+
+    gt = load_ground_truth(root, split)
+    probs, labels, img_emb, rep_emb = [], [], [], []
+    loc_rows, point_rows = [], []
+    for batch in _batches(ds, batch_size):
+        recs = [ds.records[int(i)] for i in batch["index"]]
+        heat_labels = []
+        for r in recs:
+            fs = gt.get(r.name, {}).get("findings", []) if heatmaps else []
+            heat_labels.append(sorted({LABELS.index(f["label"]) for f in fs if f.get("label") in LABELS
+                                       and f.get("mask_value") and (f.get("focal", f["label"] in FOCAL_LABELS))}))
+        out = predictor(batch, heat_labels)
+        probs.append(out["probs"])
+        labels.append(batch["labels"].numpy())
+        img_emb.append(out["image"])
+        rep_emb.append(out["report"])
+        # localization
+        s_i = 0
+        for b, r in enumerate(recs):
+            info = ds._info(r)
+            findings = gt.get(r.name, {}).get("findings", [])
+            for snippet, _depth, _bin, cited in _item_snippets(batch, b, r):
+                logits = out["bins"][s_i]
+                s_i += 1
+                best = int(np.argmax(logits))
+                pred = _depth_to_slice(info, best * bsize[0] + (bsize[0] - 1) / 2)
+                f = match_finding(findings, snippet, cited) if findings else None
+                target = int(f["centre_slice"]) if f and "centre_slice" in f else cited
+                rng = tuple(f["slice_range"]) if f and f.get("slice_range") else None
+                step = abs(info["slice_positions_mm"][1] - info["slice_positions_mm"][0]) if info["n_slices"] > 1 else 0
+                loc_rows.append({"volume": r.name, "pred": pred, "target": target, "err": abs(pred - target),
+                                 "err_mm": abs(pred - target) * step,
+                                 "within": (rng[0] <= pred <= rng[1]) if rng else None})
+            # heatmaps
+            if not heat_labels[b]:
+                continue
+            mpath = _mask_path(root, split, r.name, gt[r.name])
+            if mpath is None:
+                continue
+            mask = read_volume(mpath, validate=False)
+            tok_aff = _token_affine(np.asarray(info["model_ijk_to_ras"]), bsize)
+            for f in findings:
+                if f.get("label") not in LABELS or LABELS.index(f["label"]) not in out["heat"][b]:
+                    continue
+                heat = out["heat"][b][LABELS.index(f["label"])]
+                on_input = resample(Volume(heat.astype(np.float32), tok_aff), mask.ijk_to_ras, mask.array.shape,
+                                    order=1, fill=float(heat.min())).array
+                inside = mask.array == int(f["mask_value"])
+                if not inside.any():
+                    continue
+                hit = bool(inside.flat[int(np.argmax(on_input))])
+                pos = np.maximum(on_input - on_input.mean(), 0)
+                mass = float(pos[inside].sum() / pos.sum()) if pos.sum() > 0 else 0.0
+                point_rows.append({"volume": r.name, "label": f["label"], "hit": hit, "mass_in_mask": mass,
+                                   "mask_fraction": float(inside.mean())})
+
+    probs, labels = np.concatenate(probs), np.concatenate(labels)
+    thresholds = {"eval_set": pick_thresholds(probs, labels, threshold_rule)}
+    if val_ds is not None:
+        vp, vl = classification_scores(val_ds, predictor, batch_size)
+        thresholds["fixed_on_valid"] = pick_thresholds(vp, vl, threshold_rule)
+    report: dict[str, Any] = {
+        "weights": weights, "baseline": baseline, "data": str(root), "split": split, "val_split": val_split,
+        "n_volumes": int(probs.shape[0]), "skipped_volumes": sorted(ds.bad),
+        "threshold_rule": {
+            "rule": threshold_rule,
+            "eval_set": "thresholds picked per class on the evaluation set itself (CT-CLIP protocol; flatters F1)",
+            "fixed_on_valid": (f"thresholds picked per class on split '{val_split}', applied unchanged"
+                               if "fixed_on_valid" in thresholds else "not computed (no validation split)"),
+        },
+        "classification": classification_report(probs, labels, thresholds),
+        "retrieval": M.pooled_recall_at_k(np.concatenate(rep_emb), np.concatenate(img_emb), pool_size, seed=seed),
+        "localization": _summarise_loc(loc_rows, ds.snippet_stats, bool(gt)),
+        "heatmaps": _summarise_points(point_rows),
+    }
+    return report
+
+
+def _item_snippets(batch: dict, b: int, r) -> list[tuple]:
+    n = int((batch["snippet_owner"] == b).sum())  # evaluation keeps every pair, in the record's order
+    return r.snippets[:n]
+
+
+def _depth_to_slice(info: dict, depth: float) -> int:
+    a = np.asarray(info["model_ijk_to_ras"])
+    z = a[2, 3] + a[2, 2] * depth
+    pos = np.asarray(info["slice_positions_mm"])
+    if len(pos) < 2:
+        return 0
+    k = (z - pos[0]) / (pos[1] - pos[0])
+    return int(np.clip(round(k), 0, len(pos) - 1))
+
+
+def _summarise_loc(rows: list[dict], stats: dict, has_gt: bool) -> dict:
+    out: dict[str, Any] = {"n_pairs": len(rows), "pairs": stats,
+                           "ground_truth": "phantom slice ranges" if has_gt else "cited slice"}
+    if rows:
+        err = np.array([r["err"] for r in rows], dtype=float)
+        out["median_abs_error_slices"] = float(np.median(err))
+        out["median_abs_error_mm"] = float(np.median([r["err_mm"] for r in rows]))
+        within = [r["within"] for r in rows if r["within"] is not None]
+        out["within_range_pct"] = float(100 * np.mean(within)) if within else None
+    return out
+
+
+def _summarise_points(rows: list[dict]) -> dict:
+    if not rows:
+        return {"n_findings": 0}
+    return {
+        "n_findings": len(rows),
+        "pointing_game": float(np.mean([r["hit"] for r in rows])),
+        "mass_in_mask": float(np.mean([r["mass_in_mask"] for r in rows])),
+        "mask_fraction": float(np.mean([r["mask_fraction"] for r in rows])),
+    }
+
+
+def format_table(report: dict) -> str:
+    """A plain-text table of the headline numbers (printed by the CLI)."""
+    c = report["classification"]
+    rules = [k for k in ("eval_set", "fixed_on_valid") if k in c["mean"]]
+    lines = [f"{'label':36s} {'AUROC':>6s} " + " ".join(f"{'F1/acc/prec (' + r + ')':>30s}" for r in rules)]
+    for name, row in c["per_label"].items():
+        cells = " ".join(f"{row[r]['f1']:>8.3f}/{row[r]['accuracy']:.3f}/{row[r]['precision']:.3f}".rjust(30)
+                         for r in rules)
+        lines.append(f"{name:36s} {row['auroc']:>6.3f} {cells}")
+    cells = " ".join(f"{c['mean'][r]['f1']:>8.3f}/{c['mean'][r]['accuracy']:.3f}/{c['mean'][r]['precision']:.3f}"
+                     .rjust(30) for r in rules)
+    lines.append(f"{'MEAN':36s} {c['mean']['auroc']:>6.3f} {cells}")
+    r = report["retrieval"]
+    lines.append(f"retrieval (pool {r['pool_size']} x {r['n_pools']}): "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith("R@")))
+    loc = report["localization"]
+    if loc.get("n_pairs"):
+        w = loc.get("within_range_pct")
+        lines.append(f"localization ({loc['n_pairs']} pairs, GT {loc['ground_truth']}): median |d| "
+                     f"{loc['median_abs_error_slices']:.1f} slices / {loc['median_abs_error_mm']:.1f} mm"
+                     + (f", within range {w:.1f}%" if w is not None else ""))
+    h = report["heatmaps"]
+    if h.get("n_findings"):
+        lines.append(f"heatmaps ({h['n_findings']} focal findings): pointing game {h['pointing_game']:.3f}, "
+                     f"mass in mask {h['mass_in_mask']:.3f} (mask fraction {h['mask_fraction']:.4f})")
+    return "\n".join(lines)

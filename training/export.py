@@ -1,0 +1,89 @@
+"""Checkpoint -> weights directory that ``ctvl`` loads (config.json, model.safetensors, prompts.json, card.md)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from training.config import config_from_dict
+
+log = logging.getLogger(__name__)
+
+LIMITS = """## Limits
+- Research software, not a medical device: outputs are not diagnoses.
+- Disease scores come from prompt similarity and are only as calibrated as the training data allows.
+- Weights trained on the synthetic phantom corpus know phantom anatomy only; they are a demo, not a CT reader.
+- Reports name sides, so training uses no left-right flips; inputs must carry correct orientation headers.
+"""
+
+
+def model_from_checkpoint(path: str | Path):
+    """Rebuild the model from a training checkpoint (config inside) and load its weights."""
+    from ctvl.model import CTVLModel, ModelConfig
+
+    from training.engine import load_checkpoint, load_trainable_state
+
+    ck = load_checkpoint(path)
+    model = CTVLModel(ModelConfig.from_dict(ck["model_config"], source=str(path)))
+    load_trainable_state(model, ck["model"])
+    return model.eval(), ck
+
+
+def model_card(ck: dict, eval_report: dict | None) -> str:
+    cfg = config_from_dict(ck["config"])
+    mc = ck["model_config"]
+    lines = [
+        f"# {mc.get('name', 'ctvl')} {mc.get('version', '')}".rstrip(),
+        "",
+        "## Model",
+        f"- encoder {mc.get('encoder')}, input {mc.get('input_shape')} voxels at {mc.get('spacing')} mm, "
+        f"HU window {mc.get('hu_window')}, shared dim {mc.get('shared_dim')}, text model {mc.get('text_model')}",
+        "",
+        "## Training data",
+        f"- {cfg.data.root} split '{cfg.data.train_split}' (CT-RATE layout)"
+        + (f", phantom corpus generated with ctvl.phantom ({cfg.data.generate.splits})"
+           if cfg.data.generate.enabled else ""),
+        f"- config '{cfg.name}': {ck['step']} steps, batch {cfg.train.batch_size} x {ck.get('world_size', 1)} "
+        f"process(es) x accumulation {cfg.train.grad_accum}, lr {cfg.optim.lr}",
+        "- objectives: " + ", ".join(
+            f"{k} (weight {getattr(cfg.loss, k).weight})" for k in ("siglip", "disease", "localization")
+            if getattr(cfg.loss, k).enabled),
+        "",
+        "## Metrics",
+    ]
+    if eval_report:
+        c = eval_report["classification"]["mean"]
+        lines.append(f"- evaluated on {eval_report.get('data')} split '{eval_report.get('split')}' "
+                     f"({eval_report.get('n_volumes')} volumes)")
+        lines.append(f"- mean AUROC {c['auroc']:.3f}")
+        for rule in ("eval_set", "fixed_on_valid"):
+            if rule in c:
+                lines.append(f"- mean F1 {c[rule]['f1']:.3f}, accuracy {c[rule]['accuracy']:.3f}, precision "
+                             f"{c[rule]['precision']:.3f} (thresholds: {rule})")
+        r = eval_report.get("retrieval", {})
+        if "R@10" in r:
+            lines.append(f"- report->volume R@1/5/10 {r['R@1']:.3f}/{r['R@5']:.3f}/{r['R@10']:.3f} "
+                         f"(pools of {r['pool_size']})")
+        loc = eval_report.get("localization", {})
+        if loc.get("n_pairs"):
+            lines.append(f"- snippet localization: median error {loc['median_abs_error_mm']:.1f} mm "
+                         f"({loc['n_pairs']} pairs)")
+        h = eval_report.get("heatmaps", {})
+        if h.get("n_findings"):
+            lines.append(f"- heatmap pointing game {h['pointing_game']:.3f}, mass in mask {h['mass_in_mask']:.3f}")
+    else:
+        lines.append("- not evaluated (export with --eval report.json to include metrics)")
+    lines += ["", LIMITS]
+    return "\n".join(lines)
+
+
+def export(checkpoint: str | Path, out: str | Path, eval_report: str | Path | None = None) -> Path:
+    """Write the weights directory; returns its path."""
+    from ctvl.model import save_weights
+
+    model, ck = model_from_checkpoint(checkpoint)
+    report = json.loads(Path(eval_report).read_text()) if eval_report else None
+    path = save_weights(model, out, prompts=None, card=model_card(ck, report))
+    log.info("exported %s -> %s", checkpoint, path)
+    return Path(path)
