@@ -15,6 +15,7 @@ from training.losses import (
     combined_loss,
     disease_prompt_loss,
     localization_loss,
+    mil_disease_loss,
     siglip_loss,
     slice_to_bin,
     soft_bin_target,
@@ -153,6 +154,53 @@ def test_localization_learns_the_cited_bin():
     assert int((bins[0] @ F.normalize(snip[0].detach(), dim=-1)).argmax()) == 5
 
 
+# ----------------------------------------------------------------------------- MIL (token-level) disease
+def _np_mil_loss(tokens, pos, neg, labels, t, bias, r, token_mask=None, n_ref=None):
+    b, e = tokens.shape[0], tokens.shape[-1]
+    tok = tokens.reshape(b, -1, e)
+    tok = tok / np.linalg.norm(tok, axis=-1, keepdims=True)
+    terms = []
+    for i in range(b):
+        keep = np.ones(tok.shape[1], bool) if token_mask is None else token_mask[i].reshape(-1)
+        for j in range(pos.shape[0]):
+            y = labels[i, j]
+            if not (np.isfinite(y) and 0 <= y <= 1):
+                continue
+            z = t * (tok[i][keep] @ pos[j] - tok[i][keep] @ neg[j]) + bias[j]
+            n = keep.sum() if n_ref is None else n_ref
+            m = (r * z).max()
+            logit = (m + np.log(np.exp(r * z - m).sum()) - np.log(n)) / r
+            terms.append(-(y * _log_sigmoid(logit) + (1 - y) * _log_sigmoid(-logit)))
+    return np.mean(terms)
+
+
+def test_mil_disease_loss_matches_numpy_with_masks():
+    g = torch.Generator().manual_seed(40)
+    tokens = torch.randn(2, 3, 2, 2, 6, generator=g, dtype=torch.float64) * 3  # not normalised
+    pos, neg = _unit(2, 6, seed=41), _unit(2, 6, seed=42)
+    labels = torch.tensor([[1.0, 0.0], [float("nan"), 1.0]], dtype=torch.float64)
+    bias = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    args = (tokens.numpy(), pos.numpy(), neg.numpy(), labels.numpy(), 7.0, bias.numpy(), 5.0)
+    got = mil_disease_loss(tokens, pos, neg, labels, math.log(7.0), bias, r=5.0).item()
+    assert got == pytest.approx(_np_mil_loss(*args), rel=1e-10)
+    bins_ok = torch.tensor([[True, True, False], [True, False, False]])  # depth-bin mask (padding)
+    got = mil_disease_loss(tokens, pos, neg, labels, math.log(7.0), bias, r=5.0, token_mask=bins_ok, n_ref=12).item()
+    tmask = bins_ok[:, :, None, None].expand(2, 3, 2, 2).numpy()
+    assert got == pytest.approx(_np_mil_loss(*args, token_mask=tmask, n_ref=12), rel=1e-10)
+
+
+def test_mil_smooth_max_localises_the_gradient():
+    # one token aligned with the positive prompt: the loss for a positive label pulls mostly on that token
+    pos, neg = _unit(1, 6, seed=43), _unit(1, 6, seed=44)
+    tokens = _unit(1, 2, 4, 4, 6, seed=45).clone()
+    tokens[0, 1, 2, 3] = F.normalize(pos[0] - neg[0] + 0.7 * _unit(6, seed=46), dim=-1)  # high z, not parallel
+    tokens.requires_grad_()
+    mil_disease_loss(tokens, pos, neg, torch.ones(1, 1, dtype=torch.float64), r=5.0).backward()
+    gnorm = tokens.grad.norm(dim=-1)[0]
+    assert gnorm.flatten().argmax().item() == np.ravel_multi_index((1, 2, 3), (2, 4, 4))
+    assert gnorm[1, 2, 3] > 5 * gnorm.sum() / gnorm.numel()
+
+
 # ----------------------------------------------------------------------------- combined
 def test_combined_loss_switches_and_weights():
     img, rep = _unit(3, 6, seed=16), _unit(3, 6, seed=17)
@@ -168,6 +216,10 @@ def test_combined_loss_switches_and_weights():
     assert parts["disease"] == pytest.approx(2 * disease_prompt_loss(img, pos, neg, labels).item())
     _, parts = combined_loss(LossConfig(siglip=False, localization=False), **kw)
     assert set(parts) == {"disease"}
+    tokens = _unit(3, 2, 2, 2, 6, seed=22)
+    _, parts = combined_loss(LossConfig(mil_weight=0.5), tokens=tokens, mil_r=4.0, **kw)
+    assert set(parts) == {"siglip", "disease", "mil", "localization"}
+    assert parts["mil"] == pytest.approx(0.5 * mil_disease_loss(tokens, pos, neg, labels, r=4.0).item())
     with pytest.raises(ValueError):
         combined_loss(LossConfig(siglip=False, disease=False, localization=False), **kw)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -148,7 +149,15 @@ def test_training_forward_backward_and_checkpointing(images):
 def test_config_round_trip_and_validation(tmp_path):
     cfg = demo_config()
     assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
-    assert cfg.token_grid() == (24, 10, 10) and cfg.bin_size_mm() <= 13
+    assert cfg.token_grid() == (48, 20, 20) and cfg.downsample() == (2, 4, 4) and cfg.bin_size_mm() == 6.4
+    assert cfg.transformer_grid() == (24, 10, 10) and cfg.token_size_mm() == pytest.approx((6.4, 17.6, 17.6))
+    assert demo_config("vit").token_grid() == (24, 10, 10)  # no dense head on the ViT
+    off = ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k not in ("dense_head", "mil_disease")})
+    assert not off.dense_head and off.token_grid() == (24, 10, 10)  # older config.json files: dense head off
+    with pytest.raises(CTVLWeightsError, match="hybrid"):
+        ModelConfig(encoder="vit", dense_head=True).validate()
+    with pytest.raises(CTVLWeightsError, match="dense_stage"):
+        ModelConfig(dense_head=True, dense_stage=-1).validate()
     with pytest.raises(CTVLWeightsError, match="unknown encoder"):
         ModelConfig.from_dict({**cfg.to_dict(), "encoder": "resnet"})
     with pytest.raises(CTVLWeightsError, match="not divisible"):
@@ -168,6 +177,90 @@ def test_save_load_round_trip(models, images, tmp_path):
     assert loaded.prompts == model.prompts and loaded.config == model.config
     # the frozen bundled MiniLM is not in the file
     assert not any(k.startswith("text.backbone") for k in load_file(out / "model.safetensors"))
+
+
+def _dense_tiny():
+    return tiny_config("hybrid").replace(dense_head=True, mil_disease=True, dense_stage=0, dense_dim=8)
+
+
+def test_dense_head_shapes_grid_and_heatmaps(images):
+    torch.manual_seed(0)
+    cfg = _dense_tiny()
+    assert cfg.downsample() == (2, 2, 2) and cfg.token_grid() == (8, 16, 16) and cfg.transformer_grid() == (4, 4, 4)
+    model = CTVLModel(cfg).eval()
+    with torch.no_grad():
+        emb = model.encode_image(images)
+        e = cfg.shared_dim
+        assert emb.tokens.shape == (2, 8, 16, 16, e) and emb.bins.shape == (2, 8, e) and emb.pooled.shape == (2, e)
+        torch.testing.assert_close(emb.bins.norm(dim=-1), torch.ones(2, 8))
+        labels = ["Lung nodule", "Pleural effusion", "a free-text finding"]
+        pos, neg = model.prompt_embeddings(labels)
+        z = model.disease_heatmap_logits(emb.tokens, labels)
+        assert z.shape == (2, 3, 8, 16, 16)
+        torch.testing.assert_close(z, model.disease_heatmap_logits(emb.tokens, labels, pos, neg))
+        t = torch.nn.functional.normalize(emb.tokens, dim=-1)
+        want = model.mil_logit_scale.exp() * torch.einsum("bdhwe,e->bdhw", t, pos[0] - neg[0]) + model.mil_bias[
+            LABELS.index("Lung nodule")]
+        torch.testing.assert_close(z[:, 0], want)
+        # MIL logit = (1/r) log(sum exp(r z) / N_ref), N_ref = training token count
+        mil = model.mil_logits(emb.tokens, pos, neg, labels)
+        r = cfg.mil_r
+        ref = (torch.logsumexp(r * z.reshape(2, 3, -1), -1) - math.log(8 * 16 * 16)) / r
+        torch.testing.assert_close(mil, ref)
+        assert (mil <= z.reshape(2, 3, -1).max(-1).values + 1e-6).all()
+        # final probability = sigmoid(mean of the pooled and MIL logits); without tokens: the pooled one
+        pooled_logit = model.disease_logits(emb.pooled, pos, neg, labels)
+        probs = model.disease_probabilities(emb.pooled, labels, tokens=emb.tokens)
+        torch.testing.assert_close(probs, torch.sigmoid(0.5 * (pooled_logit + mil)))
+        torch.testing.assert_close(model.disease_probabilities(emb.pooled, labels), torch.sigmoid(pooled_logit))
+    # the heatmap/free-text API still works on the dense grid
+    assert model.heatmap_logits(emb.tokens, pos[0]).shape == (2, 8, 16, 16)
+    assert model.bin_logits(emb.bins, pos).shape == (2, 3, 8)
+
+
+def test_dense_head_trains_with_mil_loss(images):
+    from training.losses import LossConfig, combined_loss
+
+    torch.manual_seed(0)
+    model = CTVLModel(_dense_tiny()).train()
+    emb = model.encode_image(images)
+    pos, neg = model.prompt_embeddings()
+    labels = torch.full((2, len(LABELS)), float("nan"))
+    labels[:, LABELS.index("Lung nodule")] = torch.tensor([1.0, 0.0])
+    total, parts = combined_loss(LossConfig(siglip=False, localization=False), model=model, img_pooled=emb.pooled,
+                                 pos_emb=pos, neg_emb=neg, labels=labels, tokens=emb.tokens,
+                                 token_mask=torch.ones(2, 8, dtype=torch.bool))
+    assert set(parts) == {"disease", "mil"}
+    total.backward()
+    named = dict(model.named_parameters())
+    for name in ("dense.mix.0.weight", "dense.lateral.weight", "dense.top.weight", "dense_token.weight",
+                 "mil_logit_scale", "vision.tokenizer.net[0]", "pool.query"):
+        grad = named[name.replace("net[0]", "net.0.weight")].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert model.mil_bias.grad[LABELS.index("Lung nodule")] != 0
+    assert model.mil_bias.grad[LABELS.index("Emphysema")] == 0
+
+
+def test_dense_head_save_load_round_trip(images, tmp_path):
+    torch.manual_seed(0)
+    model = CTVLModel(_dense_tiny()).eval()
+    with torch.no_grad():
+        model.mil_bias.add_(0.3)
+    out = save_weights(model, tmp_path / "dense")
+    keys = load_file(out / "model.safetensors")
+    assert "dense.mix.0.weight" in keys and "mil_bias" in keys
+    loaded = load_weights(out)
+    assert loaded.config == model.config and loaded.config.dense_head
+    with torch.no_grad():
+        for x, y in zip(model.encode_image(images), loaded.encode_image(images)):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.mil_bias, model.mil_bias)
+    # weights of a dense model do not load into a config without the dense head
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["dense_head"] = False
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CTVLWeightsError, match="unexpected"):
+        load_weights(out)
 
 
 def _saved(model, tmp_path):

@@ -76,6 +76,8 @@ class LossConfig:
     siglip: Objective = field(default_factory=Objective)
     disease: Objective = field(default_factory=Objective)
     localization: LocalizationObjective = field(default_factory=LocalizationObjective)
+    # token-level (MIL) disease supervision; needs a model with `mil_disease: true` (ignored otherwise)
+    mil: Objective = field(default_factory=lambda: Objective(enabled=False))
 
 
 @dataclass

@@ -105,10 +105,18 @@ class TrainStep(torch.nn.Module):
         if lc.siglip.enabled:
             txt = m.encode_reports(batch["text"])
             terms["siglip"] = L.siglip_loss(emb.pooled, txt, m.logit_scale, m.logit_bias)
+        mil_on = lc.mil.enabled and getattr(m.config, "mil_disease", False)
+        if lc.disease.enabled or mil_on:
+            pos, neg = m.prompt_embeddings()  # once per step: shared by both disease objectives
         if lc.disease.enabled:
-            pos, neg = m.prompt_embeddings()
             terms["disease"] = L.disease_prompt_loss(
                 emb.pooled, pos, neg, batch["labels"].to(emb.pooled.device), m.disease_logit_scale, m.label_bias()
+            )
+        if mil_on:
+            terms["mil"] = L.mil_disease_loss(
+                emb.tokens, pos, neg, batch["labels"].to(emb.tokens.device), m.mil_logit_scale,
+                m.label_bias(mil=True), r=m.config.mil_r, token_mask=batch["bin_valid"].to(emb.tokens.device),
+                n_ref=math.prod(m.config.token_grid()),
             )
         if lc.localization.enabled:
             owner = batch["snippet_owner"].to(emb.bins.device)

@@ -47,7 +47,9 @@ class ModelPredictor:
     def __call__(self, batch: dict, heat_labels: list[list[int]]) -> dict:
         m = self.model
         emb = m.encode_image(batch["image"].to(self.device))
-        probs = torch.sigmoid(m.disease_logits(emb.pooled, self.pos, self.neg)).float().cpu().numpy()
+        valid = batch["bin_valid"].to(self.device)
+        logits = m.final_disease_logits(emb.pooled, self.pos, self.neg, tokens=emb.tokens, mask=valid)
+        probs = torch.sigmoid(logits).float().cpu().numpy()
         reports = m.encode_reports(batch["text"]).float().cpu().numpy()
         bins = []
         if batch["snippets"]:
@@ -59,7 +61,8 @@ class ModelPredictor:
             bins = list(logits.masked_fill(~valid, float("-inf")).float().cpu().numpy())  # argmax over the scan
         heats = []
         for i, labs in enumerate(heat_labels):
-            heats.append({lab: m.heatmap_logits(emb.tokens[i : i + 1], self.pos[lab])[0].float().cpu().numpy()
+            heats.append({lab: m.disease_heatmap_logits(emb.tokens[i : i + 1], [LABELS[lab]], self.pos[lab : lab + 1],
+                                                         self.neg[lab : lab + 1])[0, 0].float().cpu().numpy()
                           for lab in labs})
         return {"probs": probs, "image": emb.pooled.float().cpu().numpy(), "report": reports, "bins": bins,
                 "heat": heats}

@@ -1,4 +1,5 @@
-"""Training losses: SigLIP (DDP-correct), disease-prompt BCE, snippet->depth-bin localisation; `combined_loss`.
+"""Training losses: SigLIP (DDP-correct), disease-prompt BCE, token-level (MIL) disease BCE, snippet->depth-bin
+localisation; `combined_loss`.
 
 All inputs are L2-normalised embeddings from `ctvl.model.CTVLModel`.
 """
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ctvl.model.joint import disease_logits
+from ctvl.model.joint import disease_logits, mil_disease_logits
 from torch import Tensor
 
 
@@ -88,6 +89,26 @@ def disease_prompt_loss(pooled: Tensor, pos_emb: Tensor, neg_emb: Tensor, labels
     return per.sum() / valid.sum().clamp_min(1).to(per.dtype)
 
 
+def mil_disease_loss(tokens: Tensor, pos_emb: Tensor, neg_emb: Tensor, labels: Tensor,
+                     log_scale: Tensor | float = math.log(10.0), bias: Tensor | None = None, r: float = 5.0,
+                     token_mask: Tensor | None = None, n_ref: int | None = None, mask: Tensor | None = None,
+                     pos_weight: Tensor | None = None) -> Tensor:
+    """Masked BCE on the LSE-pooled token-level disease logits (`ctvl.model.mil_disease_logits`), mean over valid
+    labels: z_l(x) = t*(cos(tok_x,pos_l) - cos(tok_x,neg_l)) + b_l, volume logit (1/r) log(sum_x exp(r z_l(x)) / N).
+
+    tokens [B,d,h,w,E] (encode_image's, any norm); pos/neg [L,E]; labels [B,L] (NaN / -1 = missing);
+    token_mask [B,d] (valid depth bins) or [B,d,h,w] bool; n_ref: N (default: number of valid tokens).
+    Pass the model's `mil_logit_scale`, `label_bias(labels, mil=True)`, `config.mil_r` and
+    `prod(config.token_grid())` (or use `combined_loss(model=...)`) so training and inference agree.
+    """
+    logits = mil_disease_logits(tokens, pos_emb, neg_emb, log_scale, bias, r, token_mask, n_ref)
+    valid = label_mask(labels, mask)
+    target = torch.where(valid, labels, torch.zeros_like(labels)).to(logits.dtype)
+    per = F.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=pos_weight)
+    per = per * valid.to(per.dtype)
+    return per.sum() / valid.sum().clamp_min(1).to(per.dtype)
+
+
 # ----------------------------------------------------------------------------- localisation
 def soft_bin_target(target_bin: Tensor, n_bins: int, sigma_bins: float = 2.0, target_end: Tensor | None = None,
                     valid_mask: Tensor | None = None) -> Tensor:
@@ -153,6 +174,8 @@ class LossConfig:
     siglip_weight: float = 1.0
     disease: bool = True
     disease_weight: float = 1.0
+    mil: bool = True  # token-level (MIL) disease BCE; computed when `tokens` are given
+    mil_weight: float = 1.0
     localization: bool = True
     localization_weight: float = 1.0
     sigma_bins: float = 2.0
@@ -163,13 +186,17 @@ def combined_loss(cfg: LossConfig, *, model=None, img_pooled: Tensor | None = No
                   logit_scale: Tensor | None = None, logit_bias: Tensor | None = None,
                   pos_emb: Tensor | None = None, neg_emb: Tensor | None = None, labels: Tensor | None = None,
                   disease_log_scale: Tensor | float | None = None, disease_bias: Tensor | None = None,
+                  tokens: Tensor | None = None, token_mask: Tensor | None = None,
+                  mil_log_scale: Tensor | float | None = None, mil_bias: Tensor | None = None,
+                  mil_r: float | None = None, mil_n_ref: int | None = None,
                   bins: Tensor | None = None, valid_bins: Tensor | None = None, snippet_emb: Tensor | None = None,
                   target_bin: Tensor | None = None, target_end: Tensor | None = None,
                   volume_index: Tensor | None = None, group=None) -> tuple[Tensor, dict[str, float]]:
     """Weighted sum of the enabled losses whose inputs are given -> (total, {name: value}).
 
     With `model` (a CTVLModel or DDP-unwrapped one), logit_scale/bias, the disease scale and the 18-label bias
-    default to the model's parameters (disease bias only when pos_emb has one row per ctvl.prompts.LABELS).
+    default to the model's parameters (disease bias only when pos_emb has one row per ctvl.prompts.LABELS); so do
+    the MIL scale / bias (the model's MIL ones with config.mil_disease, else the pooled ones), r and N_ref.
     """
     parts: dict[str, Tensor] = {}
     if model is not None:
@@ -178,12 +205,25 @@ def combined_loss(cfg: LossConfig, *, model=None, img_pooled: Tensor | None = No
         disease_log_scale = model.disease_logit_scale if disease_log_scale is None else disease_log_scale
         if disease_bias is None and pos_emb is not None and pos_emb.shape[0] == model.disease_bias.shape[0]:
             disease_bias = model.disease_bias
+        if tokens is not None:
+            mcfg = model.config
+            use_mil = bool(getattr(mcfg, "mil_disease", False))
+            if mil_log_scale is None:
+                mil_log_scale = model.mil_logit_scale if use_mil else model.disease_logit_scale
+            if mil_bias is None and pos_emb is not None and pos_emb.shape[0] == model.disease_bias.shape[0]:
+                mil_bias = model.mil_bias if use_mil else model.disease_bias
+            mil_r = float(getattr(mcfg, "mil_r", 5.0)) if mil_r is None else mil_r
+            mil_n_ref = int(math.prod(mcfg.token_grid())) if mil_n_ref is None else mil_n_ref
     if cfg.siglip and img_pooled is not None and report_emb is not None:
         parts["siglip"] = cfg.siglip_weight * siglip_loss(img_pooled, report_emb, logit_scale, logit_bias, group)
     if cfg.disease and img_pooled is not None and pos_emb is not None and labels is not None:
         scale = math.log(10.0) if disease_log_scale is None else disease_log_scale
         parts["disease"] = cfg.disease_weight * disease_prompt_loss(img_pooled, pos_emb, neg_emb, labels, scale,
                                                                     disease_bias)
+    if cfg.mil and tokens is not None and pos_emb is not None and labels is not None:
+        scale = math.log(10.0) if mil_log_scale is None else mil_log_scale
+        parts["mil"] = cfg.mil_weight * mil_disease_loss(tokens, pos_emb, neg_emb, labels, scale, mil_bias,
+                                                         5.0 if mil_r is None else mil_r, token_mask, mil_n_ref)
     if cfg.localization and bins is not None and snippet_emb is not None and target_bin is not None \
             and snippet_emb.shape[0] > 0:
         parts["localization"] = cfg.localization_weight * localization_loss(

@@ -248,14 +248,26 @@ class VolumeEncoding:
             return {}
         with self._lock, torch.no_grad():
             pos, neg = (e.to(self.pooled.device) for e in self.prompt_embeddings(labels))
-            logits = self.model.disease_logits(self.pooled[None].float(), pos, neg, labels=labels)
+            if hasattr(self.model, "final_disease_logits"):  # pooled zero-shot (+ token-level MIL when trained)
+                mask = torch.as_tensor(self.valid_bins(), device=self.tokens.device)[None]
+                logits = self.model.final_disease_logits(self.pooled[None].float(), pos, neg, labels=labels,
+                                                         tokens=self.tokens[None].float(), mask=mask)
+            else:
+                logits = self.model.disease_logits(self.pooled[None].float(), pos, neg, labels=labels)
             probs = torch.sigmoid(logits.float()).reshape(-1).cpu().numpy()
         return {lbl: float(p) for lbl, p in zip(labels, probs)}
 
     # ------------------------------------------------------------------ heatmaps
     def token_scores(self, label_or_text: str) -> torch.Tensor:
-        """Per-token heatmap logits [d, h, w] for a label or free text."""
-        emb = self.text_embedding(label_or_text).to(self.tokens.device)
+        """Per-token heatmap logits [d, h, w]: a known label's token-level disease logit (positive vs negative
+        prompt, the map the disease probability pools over), or cos(token, text) * t for free text."""
+        text = check_text(label_or_text)
+        if text in self.labels() and hasattr(self.model, "disease_heatmap_logits"):
+            pos, neg = (e.to(self.tokens.device) for e in self.prompt_embeddings([text]))
+            with self._lock, torch.no_grad():
+                z = self.model.disease_heatmap_logits(self.tokens[None].float(), [text], pos, neg)
+            return z.reshape(self.tokens.shape[:3]).float()
+        emb = self.text_embedding(text).to(self.tokens.device)
         with self._lock, torch.no_grad():
             return self.model.heatmap_logits(self.tokens[None], emb).reshape(self.tokens.shape[:3]).float()
 
@@ -307,6 +319,14 @@ class VolumeEncoding:
         ijk[:, 1] = (self.model_shape[1] - 1) / 2.0
         ijk[:, 2] = centres
         return (ijk @ self.model_ijk_to_ras[:3, :3].T + self.model_ijk_to_ras[:3, 3])[:, 2]
+
+    def valid_bins(self) -> np.ndarray:
+        """[d] bool: depth bins whose centre lies inside the scan (the rest is padding), as in training."""
+        z = self.bin_positions_mm()
+        sz = self._slice_z
+        half = 0.5 * abs(float(np.median(np.diff(z)))) if len(z) > 1 else 0.0
+        valid = (z >= sz.min() - half) & (z <= sz.max() + half)
+        return valid if valid.any() else np.ones_like(valid)
 
     def bin_scores(self, text: str) -> np.ndarray:
         emb = self.text_embedding(text).to(self.bins.device)

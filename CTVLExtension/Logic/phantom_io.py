@@ -142,8 +142,8 @@ def write_dataset(out_dir, n: int, seed: int, split: str = "train", workers: int
     out = Path(out_dir)
     if int(n) < 1:
         raise CTVLInputError(None, f"--n must be at least 1, got {n}", "ask for one or more volumes")
-    if split not in ("train", "valid"):
-        raise CTVLInputError(None, f"unknown split {split!r}", "use 'train' or 'valid'")
+    if split not in ("train", "valid", "test"):
+        raise CTVLInputError(None, f"unknown split {split!r}", "use 'train', 'valid' or 'test'")
     try:
         for sub in ("radiology_text_reports", "multi_abnormality_labels", "metadata", "masks", split):
             (out / sub).mkdir(parents=True, exist_ok=True)

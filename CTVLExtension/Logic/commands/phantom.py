@@ -1,4 +1,4 @@
-"""`ctvl phantom --out DIR --n N --seed S [--split train|valid] [--workers W]`: synthetic CT-RATE-style data set."""
+"""`ctvl phantom --out DIR --n N --seed S [--split train|valid|test] [--workers W]`: a synthetic CT-RATE data set."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (created if missing)")
     p.add_argument("--n", default="10", help="number of volumes (>= 1)")
     p.add_argument("--seed", default="0", help="data set seed (integer)")
-    p.add_argument("--split", default="train", help="train or valid")
+    p.add_argument("--split", default="train", help="train, valid (CT-RATE's) or test (held out)")
     p.add_argument("--workers", default="1", help="worker processes (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     seed = _int(args.seed, "seed", 0)
     workers = _int(args.workers, "workers", 1)
     workers = min(workers, os.cpu_count() or 1, n)
-    if args.split not in ("train", "valid"):
-        raise CTVLInputError(None, f"--split must be train or valid, got {args.split!r}", "pass --split train")
+    if args.split not in ("train", "valid", "test"):
+        raise CTVLInputError(None, f"--split must be train, valid or test, got {args.split!r}", "pass --split train")
     out = write_dataset(args.out, n, seed, split=args.split, workers=workers, progress=not args.no_progress)
     print(f"wrote {n} {args.split} volumes to {out}")
     return 0

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from ctvl.model.config import PRESETS, ModelConfig, demo_config, tiny_config
-from ctvl.model.joint import CTVLModel, CTVLOutput, ImageEmbeddings, disease_logits
+from ctvl.model.joint import (
+    CTVLModel,
+    CTVLOutput,
+    ImageEmbeddings,
+    disease_logits,
+    lse_pool,
+    mil_disease_logits,
+    token_disease_logits,
+)
 from ctvl.model.text import bundled_minilm_path, split_sentences
-from ctvl.model.vision import VisionEncoder, count_parameters
+from ctvl.model.vision import DenseHead, VisionEncoder, count_parameters
 from ctvl.model.weights import load_weights, read_card, resolve_weights_dir, save_weights
 
 __all__ = [
     "PRESETS",
     "CTVLModel",
     "CTVLOutput",
+    "DenseHead",
     "ImageEmbeddings",
     "ModelConfig",
     "VisionEncoder",
@@ -19,6 +28,9 @@ __all__ = [
     "count_parameters",
     "demo_config",
     "disease_logits",
+    "lse_pool",
+    "mil_disease_logits",
+    "token_disease_logits",
     "load_weights",
     "read_card",
     "resolve_weights_dir",

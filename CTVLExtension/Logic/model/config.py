@@ -28,7 +28,8 @@ class ModelConfig:
 
     Model grid: array [d, h, w] (d toward Superior, h toward Posterior, w toward patient Left), spacing
     `spacing` mm, shape `input_shape`. Token grid = input_shape / `downsample`; depth bin b covers model slices
-    [b*pd, (b+1)*pd).
+    [b*pd, (b+1)*pd). With `dense_head` (hybrid only) the returned token grid is the dense decoder's grid, i.e.
+    the stride of stem stage `dense_stage`, not the transformer's grid (`transformer_grid()`).
     """
 
     name: str = "ctvl-demo"
@@ -36,7 +37,7 @@ class ModelConfig:
     encoder: str = "hybrid"  # "vit" (patch embedding) | "hybrid" (3D CNN stem)
     input_shape: tuple[int, int, int] = (96, 80, 80)  # (D, H, W) model voxels: 307 x 352 x 352 mm
     spacing: tuple[float, float, float] = (3.2, 4.4, 4.4)  # (sd, sh, sw) mm
-    hu_window: tuple[float, float] = (-1000.0, 400.0)
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)  # CT-CLIP: calcium/metal stay apart
     # vit: patch embedding
     patch_size: tuple[int, int, int] = (4, 8, 8)
     # hybrid: strided conv stages (channels, stride per stage), each conv3x3x3 + GroupNorm + GELU
@@ -52,6 +53,13 @@ class ModelConfig:
     grad_checkpointing: bool = False
     pooling: str = "attention"  # "attention" | "mean" (pooled = weighted mean of projected tokens)
     bin_kernel: int = 3  # 1D conv kernel of the depth-bin combiner
+    # dense decoder head (hybrid only): FPN-style upsampling of the transformer tokens to a finer stem stage
+    dense_head: bool = False
+    dense_stage: int = -2  # stem stage (index into stem_strides) whose output feeds the lateral connection
+    dense_dim: int = 24  # channels of the dense head's lateral/mix conv (24: +18% fwd+bwd on the demo model)
+    # token-level (MIL) disease scores: LSE pooling (1/r) log mean exp(r z) of per-token prompt logits
+    mil_disease: bool = False
+    mil_r: float = 5.0
     # joint space
     shared_dim: int = 128
     proj_hidden: int = 256
@@ -73,21 +81,45 @@ class ModelConfig:
             setattr(self, f.name, _tuple(getattr(self, f.name)))
 
     # ---------------------------------------------------------------- geometry
-    def downsample(self) -> tuple[int, int, int]:
-        """Model voxels per token along (d, h, w)."""
-        if self.encoder == "vit":
-            return tuple(int(p) for p in self.patch_size)  # type: ignore[return-value]
+    def uses_dense_head(self) -> bool:
+        return bool(self.dense_head) and self.encoder == "hybrid"
+
+    def _stem_stride(self, n_stages: int) -> tuple[int, int, int]:
         total = [1, 1, 1]
-        for stride in self.stem_strides:
+        for stride in self.stem_strides[:n_stages]:
             total = [t * int(s) for t, s in zip(total, stride)]
         return tuple(total)  # type: ignore[return-value]
 
+    def dense_stage_index(self) -> int:
+        """Non-negative index of the stem stage feeding the dense head."""
+        return self.dense_stage % max(len(self.stem_strides), 1)
+
+    def transformer_downsample(self) -> tuple[int, int, int]:
+        """Model voxels per transformer token along (d, h, w)."""
+        if self.encoder == "vit":
+            return tuple(int(p) for p in self.patch_size)  # type: ignore[return-value]
+        return self._stem_stride(len(self.stem_strides))
+
+    def transformer_grid(self) -> tuple[int, int, int]:
+        """The transformer's token grid (d, h, w) for `input_shape` (= token_grid() without dense head)."""
+        return tuple(n // p for n, p in zip(self.input_shape, self.transformer_downsample()))  # type: ignore
+
+    def downsample(self) -> tuple[int, int, int]:
+        """Model voxels per returned token (= per depth bin along d): the stride of `encode_image`'s token grid."""
+        if self.uses_dense_head():
+            return self._stem_stride(self.dense_stage_index() + 1)
+        return self.transformer_downsample()
+
     def token_grid(self) -> tuple[int, int, int]:
-        """Token grid (d, h, w) for `input_shape`; d is also the number of depth bins."""
+        """Grid (d, h, w) of `encode_image`'s tokens for `input_shape`; d is also the number of depth bins."""
         return tuple(n // p for n, p in zip(self.input_shape, self.downsample()))  # type: ignore[return-value]
 
     def bin_size_mm(self) -> float:
         return self.downsample()[0] * float(self.spacing[0])
+
+    def token_size_mm(self) -> tuple[float, float, float]:
+        """(d, h, w) extent in mm of one returned token."""
+        return tuple(p * float(s) for p, s in zip(self.downsample(), self.spacing))  # type: ignore[return-value]
 
     # ---------------------------------------------------------------- validation / io
     def validate(self, source: str | Path = "config") -> ModelConfig:
@@ -102,8 +134,18 @@ class ModelConfig:
             bad("input_shape and spacing need 3 values, hu_window 2")
         if self.encoder == "hybrid" and len(self.stem_channels) != len(self.stem_strides):
             bad("stem_channels and stem_strides must have the same length")
-        if any(n % p for n, p in zip(self.input_shape, self.downsample())):
-            bad(f"input_shape {self.input_shape} is not divisible by the token size {self.downsample()}")
+        if any(n % p for n, p in zip(self.input_shape, self.transformer_downsample())):
+            bad(f"input_shape {self.input_shape} is not divisible by the token size {self.transformer_downsample()}")
+        if self.dense_head:
+            if self.encoder != "hybrid":
+                bad("dense_head needs the hybrid encoder (a CNN stem)", "set dense_head false or encoder hybrid")
+            n = len(self.stem_strides)
+            if not (-n <= self.dense_stage < n and self.dense_stage_index() < n - 1):
+                bad(f"dense_stage {self.dense_stage} must name a stem stage before the last")
+            if self.dense_dim < 1:
+                bad("dense_dim must be >= 1")
+        if self.mil_r <= 0:
+            bad(f"mil_r {self.mil_r} must be > 0")
         if self.embed_dim % self.num_heads:
             bad(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.pos_embed not in ("sincos", "learnable"):
@@ -165,9 +207,11 @@ class ModelConfig:
 def demo_config(encoder: str = "hybrid") -> ModelConfig:
     """The CPU demo model (phantom corpus), see benchmarks/model_speed.py for its measured cost.
 
-    Model grid 96x80x80 at (3.2, 4.4, 4.4) mm = 307 x 352 x 352 mm (a chest CT's z extent and FOV); tokens 24x10x10
-    (2400, global attention): depth bins of 12.8 mm, in-plane tokens of 35 mm; embed 128, 2 blocks, 4 heads,
-    shared space 128. `encoder="vit"` gives the same grid with 4x8x8 patches.
+    Model grid 96x80x80 at (3.2, 4.4, 4.4) mm = 307 x 352 x 352 mm (a chest CT's z extent and FOV); transformer
+    tokens 24x10x10 (2400, global attention, 12.8 x 35 x 35 mm); embed 128, 2 blocks, 4 heads, shared space 128.
+    Hybrid: a dense decoder head returns tokens on the 48x20x20 stem grid (6.4 x 17.6 x 17.6 mm; depth bins of
+    6.4 mm) and token-level (MIL) disease scores are on. `encoder="vit"` gives the 24x10x10 grid (4x8x8 patches),
+    without dense head.
     """
     return PRESETS[f"demo-{encoder}"]()
 
@@ -182,8 +226,8 @@ def tiny_config(encoder: str = "hybrid") -> ModelConfig:
 
 
 PRESETS = {
-    "demo-hybrid": lambda: ModelConfig(name="ctvl-demo", encoder="hybrid"),
-    "demo-vit": lambda: ModelConfig(name="ctvl-demo-vit", encoder="vit", patch_size=(4, 8, 8)),
+    "demo-hybrid": lambda: ModelConfig(name="ctvl-demo", encoder="hybrid", dense_head=True, mil_disease=True),
+    "demo-vit": lambda: ModelConfig(name="ctvl-demo-vit", encoder="vit", patch_size=(4, 8, 8), mil_disease=True),
     "tiny-hybrid": lambda: tiny_config("hybrid"),
     "tiny-vit": lambda: tiny_config("vit"),
 }

@@ -7,8 +7,24 @@ Scores (all from cosine similarities of L2-normalised embeddings):
   p = sigmoid(t_d * (cos_pos - cos_neg) + b_label). t_d = exp(disease_logit_scale) (init 10, learnable) and b_label
   (init 0, learnable per CT-RATE label, 0 for free-text labels) calibrate it. cos_pos == cos_neg -> p = 0.5 (before
   bias), and the logit is invariant to any shift shared by both prompts (e.g. generic "chest CT" similarity).
-- Heatmap: cos(token, text) * t per token.
+- Token-level (MIL) disease scores (config.mil_disease): per token z_l(x) = t_m * (cos(tok_x, pos_l) -
+  cos(tok_x, neg_l)) + b_m,l (own scale t_m = exp(mil_logit_scale), init 10, and bias b_m = mil_bias, init 0) and a
+  volume logit by LSE pooling (1/r) log(sum_x exp(r z_l(x)) / N_ref), r = config.mil_r, N_ref = number of tokens
+  of the training input (`config.token_grid()`), so a longer scan at inference is not penalised for its extra
+  background tokens. `disease_heatmap_logits` is the label heatmap (the z map); trained by
+  training.losses.mil_disease_loss.
+- Final disease probability (`disease_probabilities` / `final_disease_logits`): sigmoid of the mean of the pooled
+  zero-shot logit and the MIL logit when mil_disease is on (each is BCE-calibrated on its own; the pooled one is
+  better for diffuse findings, the MIL one for focal findings), else of the pooled logit.
+- Heatmap for free text: cos(token, text) * t per token.
 - Depth bins: cos(bin, text) / bin_temperature (RadFinder's cos / 0.1), softmax over the scan's valid bins.
+- Dense head (config.dense_head, hybrid): tokens = trilinear upsampling of the projected transformer tokens to the
+  stem stage `dense_stage` grid + a linear projection of DenseHead's mixed (lateral + top-down) features; the pooled
+  embedding is attention pooling over these dense tokens (a convex combination of exactly the tokens the heatmaps
+  show, so the global objectives also train them) with attention scores computed on the transformer tokens and
+  trilinearly upsampled (keys on 19k dense tokens cost ~20% of a step); bins = in-plane mean of the upsampled
+  transformer features + a projection of the in-plane mean of the dense features -> depth combiner -> bin head (one
+  bin per dense depth).
 """
 
 from __future__ import annotations
@@ -20,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from ctvl.model.config import ModelConfig
 from ctvl.model.text import TextTower, chunk_text, split_sentences
-from ctvl.model.vision import VisionEncoder
+from ctvl.model.vision import DenseHead, VisionEncoder, _init_weights
 from ctvl.prompts import LABELS, disease_prompts, prompt_table
 from torch import Tensor, nn
 
@@ -55,6 +71,57 @@ def disease_logits(pooled: Tensor, pos_emb: Tensor, neg_emb: Tensor, log_scale: 
     return logits
 
 
+def token_disease_logits(tokens: Tensor, pos_emb: Tensor, neg_emb: Tensor, log_scale: Tensor | float,
+                         bias: Tensor | None = None) -> Tensor:
+    """Per-token logits t*(cos(tok,pos) - cos(tok,neg)) + bias: tokens [B,...,E] (any norm) -> [B,L,...]."""
+    b, e = tokens.shape[0], tokens.shape[-1]
+    spatial = tokens.shape[1:-1]
+    t = F.normalize(tokens.reshape(b, -1, e), dim=-1)
+    scale = log_scale.exp() if isinstance(log_scale, Tensor) else math.exp(log_scale)
+    z = scale * torch.einsum("bne,le->bln", t, pos_emb - neg_emb)
+    if bias is not None:
+        z = z + bias[None, :, None]
+    return z.reshape(b, -1, *spatial)
+
+
+def lse_pool(z: Tensor, r: float, mask: Tensor | None = None, n_ref: int | None = None) -> Tensor:
+    """Smooth max (1/r) log(sum_n exp(r z_n) / N) over the last dim of z [..., N]; masked-out entries are dropped.
+
+    N = n_ref if given, else the number of (valid) entries (LSE-pooling, 'log mean exp'); mask broadcasts to z.
+    """
+    rz = r * z
+    if mask is not None:
+        rz = rz.masked_fill(~mask.bool(), float("-inf"))
+        count = mask.bool().expand_as(z).sum(-1).clamp_min(1).to(z.dtype)
+    else:
+        count = torch.full(z.shape[:-1], float(z.shape[-1]), dtype=z.dtype, device=z.device)
+    if n_ref is not None:
+        count = torch.full_like(count, float(n_ref))
+    out = (torch.logsumexp(rz, dim=-1) - torch.log(count)) / r
+    if mask is not None:  # no valid entry -> 0 instead of -inf
+        out = torch.where(torch.isfinite(out), out, torch.zeros_like(out))
+    return out
+
+
+def mil_disease_logits(tokens: Tensor, pos_emb: Tensor, neg_emb: Tensor, log_scale: Tensor | float,
+                       bias: Tensor | None = None, r: float = 5.0, mask: Tensor | None = None,
+                       n_ref: int | None = None) -> Tensor:
+    """[B,L] volume logits: LSE pooling (see `lse_pool`) of `token_disease_logits` over all tokens.
+
+    tokens [B,d,h,w,E] (or [B,N,E]); mask [B,d,h,w] / [B,N] bool (valid tokens) or [B,d] (valid depth bins).
+    """
+    z = token_disease_logits(tokens, pos_emb, neg_emb, log_scale, bias)  # [B,L,...]
+    b, n_lab = z.shape[:2]
+    flat = z.reshape(b, n_lab, -1)
+    m = None
+    if mask is not None:
+        mask = mask.bool()
+        if mask.ndim == 2 and tokens.ndim == 5:  # depth-bin mask -> token mask
+            mask = mask[:, :, None, None].expand(tokens.shape[:4])
+        m = mask.reshape(b, 1, -1)
+    return lse_pool(flat, r, m, n_ref)
+
+
 class AttentionPool(nn.Module):
     """Weights from a learnable query against LayerNorm'd keys, one weight map per head; values are given.
 
@@ -70,18 +137,25 @@ class AttentionPool(nn.Module):
         self.query = nn.Parameter(torch.zeros(num_heads, key_dim // num_heads))
         nn.init.trunc_normal_(self.query, std=0.02)
 
-    def weights(self, keys: Tensor, mask: Tensor | None = None) -> Tensor:
-        """keys [B,N,K] -> weights [B,heads,N] (softmax over N; masked positions get 0)."""
+    def scores(self, keys: Tensor) -> Tensor:
+        """keys [B,N,K] -> attention scores [B,heads,N] (before the softmax)."""
         b, n, k = keys.shape
         kk = self.key(self.norm(keys)).reshape(b, n, self.num_heads, k // self.num_heads)
-        scores = torch.einsum("bnhc,hc->bhn", kk, self.query) / math.sqrt(k // self.num_heads)
+        return torch.einsum("bnhc,hc->bhn", kk, self.query) / math.sqrt(k // self.num_heads)
+
+    def weights(self, keys: Tensor, mask: Tensor | None = None) -> Tensor:
+        """keys [B,N,K] -> weights [B,heads,N] (softmax over N; masked positions get 0)."""
+        scores = self.scores(keys)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
         return scores.softmax(-1)
 
     def forward(self, keys: Tensor, values: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.combine(self.weights(keys, mask), values)
+
+    def combine(self, w: Tensor, values: Tensor) -> Tensor:
+        """Per-head weighted mean: weights [B,heads,N], values [B,N,E] -> [B,E]."""
         b, n, e = values.shape
-        w = self.weights(keys, mask)  # [B,h,N]
         if e % self.num_heads == 0:
             v = values.reshape(b, n, self.num_heads, e // self.num_heads)
             return torch.einsum("bhn,bnhc->bhc", w, v).reshape(b, e)
@@ -115,6 +189,13 @@ class CTVLModel(nn.Module):
         c, e = config.embed_dim, config.shared_dim
         self.vision = VisionEncoder(config)
         self.token_head = mlp_head(c, config.proj_hidden, e)
+        self.dense: DenseHead | None = None
+        if config.uses_dense_head():
+            skip_ch = int(config.stem_channels[config.dense_stage_index()])
+            self.dense = DenseHead(c, skip_ch, config.dense_dim)
+            self.dense.apply(_init_weights)
+            self.dense_token = nn.Linear(config.dense_dim, e)  # dense features -> shared space (added to tokens)
+            self.dense_bin = nn.Linear(config.dense_dim, c)  # in-plane mean of dense features -> bin features
         self.pool = AttentionPool(c, config.num_heads) if config.pooling == "attention" else None
         self.bin_combiner = DepthBinCombiner(c, config.bin_kernel)
         self.bin_head = mlp_head(c, config.proj_hidden, e)
@@ -125,6 +206,9 @@ class CTVLModel(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
         self.disease_logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.disease_bias = nn.Parameter(torch.zeros(len(LABELS)))
+        if config.mil_disease:
+            self.mil_logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+            self.mil_bias = nn.Parameter(torch.zeros(len(LABELS)))
         self.prompts: dict[str, dict[str, list[str]]] = prompt_table(LABELS)
 
     # ------------------------------------------------------------------ properties
@@ -144,14 +228,36 @@ class CTVLModel(nn.Module):
 
     # ------------------------------------------------------------------ image
     def encode_image(self, x: Tensor) -> ImageEmbeddings:
-        """x [B,1,D,H,W] (windowed to [0,1], model grid) -> ImageEmbeddings."""
-        feats = self.vision(x)  # [B,d,h,w,C]
+        """x [B,1,D,H,W] (windowed to [0,1], model grid) -> ImageEmbeddings on the `config.token_grid()` grid."""
+        if self.dense is not None:
+            feats, skip = self.vision(x, return_skip=True)
+        else:
+            feats, skip = self.vision(x), None  # [B,d,h,w,C]
         b, d, h, w, c = feats.shape
         flat = feats.reshape(b, d * h * w, c)
         tokens = self.token_head(flat)  # [B,N,E]
-        pooled = self.pool(flat, tokens) if self.pool is not None else tokens.mean(1)
-        bins = self.bin_head(self.bin_combiner(feats.mean(dim=(2, 3))))  # [B,d,E]
-        return ImageEmbeddings(tokens.reshape(b, d, h, w, -1), F.normalize(pooled, dim=-1), F.normalize(bins, dim=-1))
+        if self.dense is None:
+            pooled = self.pool(flat, tokens) if self.pool is not None else tokens.mean(1)
+            bins = self.bin_head(self.bin_combiner(feats.mean(dim=(2, 3))))  # [B,d,E]
+            return ImageEmbeddings(tokens.reshape(b, d, h, w, -1), F.normalize(pooled, dim=-1),
+                                   F.normalize(bins, dim=-1))
+        mixed = self.dense(feats, skip).contiguous(memory_format=torch.channels_last_3d)  # [B,Cd,D',H',W']
+        fine = tuple(mixed.shape[2:])
+        # channels-last all the way: the permuted views below are contiguous [B,D',H',W',E] (no copies)
+        up = F.interpolate(tokens.reshape(b, d, h, w, -1).permute(0, 4, 1, 2, 3), size=fine, mode="trilinear",
+                           align_corners=False)
+        dense = up.permute(0, 2, 3, 4, 1) + self.dense_token(mixed.permute(0, 2, 3, 4, 1))  # [B,D',H',W',E]
+        dflat = dense.reshape(b, -1, dense.shape[-1])
+        if self.pool is not None:  # scores from the transformer features, trilinearly upsampled (cheap)
+            sc = self.pool.scores(flat).reshape(b, -1, d, h, w)
+            sc = F.interpolate(sc, size=fine, mode="trilinear", align_corners=False).reshape(b, sc.shape[1], -1)
+            pooled = self.pool.combine(sc.softmax(-1), dflat)
+        else:
+            pooled = dflat.mean(1)
+        coarse = F.interpolate(feats.mean(dim=(2, 3)).transpose(1, 2), size=fine[0], mode="linear",
+                               align_corners=False).transpose(1, 2)  # = in-plane mean of the upsampled features
+        bins = self.bin_head(self.bin_combiner(coarse + self.dense_bin(mixed.mean(dim=(3, 4)).transpose(1, 2))))
+        return ImageEmbeddings(dense, F.normalize(pooled, dim=-1), F.normalize(bins, dim=-1))
 
     # ------------------------------------------------------------------ text
     def _encode_units(self, units: list[list[str]]) -> Tensor:
@@ -210,12 +316,50 @@ class CTVLModel(nn.Module):
         stacked = torch.stack(means).reshape(len(labels), 2, -1)
         return stacked[:, 0], stacked[:, 1]
 
-    def label_bias(self, labels: list[str] | tuple[str, ...] | None = None) -> Tensor:
-        """Per-label calibration bias [L] (learned for the CT-RATE labels, 0 for others)."""
+    def label_bias(self, labels: list[str] | tuple[str, ...] | None = None, mil: bool = False) -> Tensor:
+        """Per-label calibration bias [L] (learned for the CT-RATE labels, 0 for others); `mil`: the MIL bias."""
         labels = list(labels or LABELS)
+        param = self.mil_bias if mil and self.config.mil_disease else self.disease_bias
         idx = {name: i for i, name in enumerate(LABELS)}
-        zero = self.disease_bias.new_zeros(())
-        return torch.stack([self.disease_bias[idx[lab]] if lab in idx else zero for lab in labels])
+        zero = param.new_zeros(())
+        return torch.stack([param[idx[lab]] if lab in idx else zero for lab in labels])
+
+    def _mil_params(self, n_rows: int, labels) -> tuple[Tensor, Tensor | None]:
+        if labels is None and n_rows == len(LABELS):
+            labels = LABELS
+        scale = self.mil_logit_scale if self.config.mil_disease else self.disease_logit_scale
+        return scale, (self.label_bias(labels, mil=True) if labels is not None else None)
+
+    def disease_heatmap_logits(self, tokens: Tensor, labels: list[str] | tuple[str, ...] | None = None,
+                               pos_emb: Tensor | None = None, neg_emb: Tensor | None = None) -> Tensor:
+        """Label heatmaps: token-level disease logits z_l(x) [B,L,d,h,w] (see module docstring).
+
+        tokens [B,d,h,w,E] from encode_image; prompt embeddings are computed from `labels` unless pos/neg [L,E]
+        are given (then `labels` only names their rows for the bias). Without mil_disease the pooled zero-shot
+        scale and bias are used per token.
+        """
+        if pos_emb is None or neg_emb is None:
+            labels = list(labels or LABELS)
+            pos_emb, neg_emb = self.prompt_embeddings(labels)
+        scale, bias = self._mil_params(pos_emb.shape[0], labels)
+        return token_disease_logits(tokens, pos_emb, neg_emb, scale, bias)
+
+    def mil_logits(self, tokens: Tensor, pos_emb: Tensor, neg_emb: Tensor,
+                   labels: list[str] | tuple[str, ...] | None = None, mask: Tensor | None = None) -> Tensor:
+        """[B,L] volume logits: LSE pooling of `disease_heatmap_logits` (r = config.mil_r, N_ref = training grid)."""
+        scale, bias = self._mil_params(pos_emb.shape[0], labels)
+        n_ref = int(math.prod(self.config.token_grid()))
+        return mil_disease_logits(tokens, pos_emb, neg_emb, scale, bias, self.config.mil_r, mask, n_ref)
+
+    def final_disease_logits(self, pooled: Tensor, pos_emb: Tensor, neg_emb: Tensor,
+                             labels: list[str] | tuple[str, ...] | None = None,
+                             tokens: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """[B,L]: mean of the pooled zero-shot and MIL logits when mil_disease is on and tokens are given, else the
+        pooled zero-shot logit. `mask` [B,d] (or [B,d,h,w]) marks the tokens inside the scan, as in training."""
+        logits = self.disease_logits(pooled, pos_emb, neg_emb, labels)
+        if tokens is not None and self.config.mil_disease:
+            logits = 0.5 * (logits + self.mil_logits(tokens, pos_emb, neg_emb, labels, mask=mask))
+        return logits
 
     def disease_logits(self, pooled: Tensor, pos_emb: Tensor, neg_emb: Tensor,
                        labels: list[str] | tuple[str, ...] | None = None) -> Tensor:
@@ -226,10 +370,16 @@ class CTVLModel(nn.Module):
         return disease_logits(pooled, pos_emb, neg_emb, self.disease_logit_scale, bias)
 
     @torch.no_grad()
-    def disease_probabilities(self, pooled: Tensor, labels: list[str] | tuple[str, ...] | None = None) -> Tensor:
+    def disease_probabilities(self, pooled: Tensor, labels: list[str] | tuple[str, ...] | None = None,
+                              tokens: Tensor | None = None, pos_emb: Tensor | None = None,
+                              neg_emb: Tensor | None = None) -> Tensor:
+        """[B,L] probabilities = sigmoid(final_disease_logits): with mil_disease and `tokens` [B,d,h,w,E] given,
+        sigmoid of the mean of the pooled zero-shot logit and the token-level MIL logit; else the pooled one.
+        Prompt embeddings are computed from `labels` unless pos_emb/neg_emb [L,E] are given."""
         labels = list(labels or LABELS)
-        pos, neg = self.prompt_embeddings(labels)
-        return torch.sigmoid(self.disease_logits(pooled, pos, neg, labels))
+        if pos_emb is None or neg_emb is None:
+            pos_emb, neg_emb = self.prompt_embeddings(labels)
+        return torch.sigmoid(self.final_disease_logits(pooled, pos_emb, neg_emb, labels, tokens))
 
     def siglip_logits(self, img: Tensor, txt: Tensor) -> Tensor:
         return img @ txt.t() * self.logit_scale.exp() + self.logit_bias

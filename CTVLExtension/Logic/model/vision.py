@@ -77,7 +77,10 @@ class ConvStem(nn.Module):
         cin = 1
         for cout, stride in zip(channels, strides):
             layers += [
-                nn.Conv3d(cin, cout, kernel_size=3, stride=tuple(stride), padding=1, bias=False),
+                # kernel s+2 with padding 1 centres output t at input s*t + (s-1)/2, the voxel-centre convention
+                # that heatmaps and depth bins assume (a 3x3x3 stride-2 conv would sit half a stride off).
+                nn.Conv3d(cin, cout, kernel_size=tuple(s + 2 for s in stride), stride=tuple(stride), padding=1,
+                          bias=False),
                 nn.GroupNorm(_groups(cout), cout),
                 nn.GELU(),
             ]
@@ -85,8 +88,38 @@ class ConvStem(nn.Module):
         layers.append(nn.Conv3d(cin, embed_dim, kernel_size=1))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def forward(self, x: Tensor, return_stage: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """x -> [B, embed_dim, d, h, w]; with `return_stage` k also the output of conv stage k (after GELU)."""
+        if return_stage is None:
+            return self.net(x)
+        skip = None
+        last = 3 * return_stage + 2  # conv, norm, GELU per stage
+        for i, layer in enumerate(self.net):
+            x = layer(x)
+            if i == last:
+                skip = x
+        return x, skip
+
+
+class DenseHead(nn.Module):
+    """FPN-style decoder: upsampled transformer features + 1x1x1 lateral of a finer stem stage -> conv mix.
+
+    forward(features [B,d,h,w,C], skip [B,Cs,D',H',W']) -> mixed [B,Cd,D',H',W'] (conv3x3x3 + GroupNorm + GELU).
+    The top-down 1x1x1 projection runs on the coarse grid before the (linear) trilinear upsampling: same result,
+    fewer FLOPs.
+    """
+
+    def __init__(self, embed_dim: int, skip_channels: int, dim: int) -> None:
+        super().__init__()
+        self.top = nn.Conv3d(embed_dim, dim, kernel_size=1)
+        self.lateral = nn.Conv3d(skip_channels, dim, kernel_size=1)
+        self.mix = nn.Sequential(nn.Conv3d(dim, dim, kernel_size=3, padding=1, bias=False),
+                                 nn.GroupNorm(_groups(dim), dim), nn.GELU())
+
+    def forward(self, features: Tensor, skip: Tensor) -> Tensor:
+        top = self.top(features.permute(0, 4, 1, 2, 3))
+        top = F.interpolate(top, size=skip.shape[2:], mode="trilinear", align_corners=False)
+        return self.mix(top + self.lateral(skip))
 
 
 class PatchEmbed(nn.Module):
@@ -103,7 +136,8 @@ class PatchEmbed(nn.Module):
 class VisionEncoder(nn.Module):
     """Tokeniser (patch embedding or conv stem) + position embedding + global-attention transformer.
 
-    forward(x [B,1,D,H,W]) -> features [B, d, h, w, C] (after the final LayerNorm).
+    forward(x [B,1,D,H,W]) -> features [B, d, h, w, C] (after the final LayerNorm); with `return_skip` (hybrid
+    only) -> (features, output of stem stage `config.dense_stage` [B, Cs, D', H', W']) for the dense head.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -114,7 +148,7 @@ class VisionEncoder(nn.Module):
             self.tokenizer: nn.Module = PatchEmbed(config.patch_size, c)
         else:
             self.tokenizer = ConvStem(config.stem_channels, config.stem_strides, c)
-        self.grid = config.token_grid()
+        self.grid = config.transformer_grid()
         if config.pos_embed == "learnable":
             self.pos_embed = nn.Parameter(sincos_pos_embed_3d(self.grid, c).reshape(1, *self.grid, c).clone())
         else:
@@ -136,10 +170,16 @@ class VisionEncoder(nn.Module):
         pos = F.interpolate(pos, size=grid, mode="trilinear", align_corners=False)
         return pos.permute(0, 2, 3, 4, 1).to(x.dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, return_skip: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"expected images [B,1,D,H,W], got {tuple(x.shape)}")
-        f = self.tokenizer(x)  # [B, C, d, h, w]
+        skip = None
+        if return_skip:
+            if self.config.encoder != "hybrid":
+                raise ValueError("return_skip needs the hybrid encoder")
+            f, skip = self.tokenizer(x, return_stage=self.config.dense_stage_index())
+        else:
+            f = self.tokenizer(x)  # [B, C, d, h, w]
         b, c, d, h, w = f.shape
         f = f.permute(0, 2, 3, 4, 1) + self._pos((d, h, w), f)
         t = f.reshape(b, d * h * w, c)
@@ -148,7 +188,8 @@ class VisionEncoder(nn.Module):
                 t = checkpoint(blk, t, use_reentrant=False)
             else:
                 t = blk(t)
-        return self.norm(t).reshape(b, d, h, w, c)
+        out = self.norm(t).reshape(b, d, h, w, c)
+        return (out, skip) if return_skip else out
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -169,4 +210,5 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["VisionEncoder", "ConvStem", "PatchEmbed", "Block", "Attention", "sincos_pos_embed_3d", "count_parameters"]
+__all__ = ["VisionEncoder", "ConvStem", "DenseHead", "PatchEmbed", "Block", "Attention", "sincos_pos_embed_3d",
+           "count_parameters"]
