@@ -158,4 +158,4 @@ def test_cli_bad_args(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "writable" in err
     assert main(["phantom", "--out", str(tmp_path / "o"), "--n", "x"]) == 2
-    assert main(["phantom", "--out", str(tmp_path / "o"), "--n", "1", "--split", "test"]) == 2
+    assert main(["phantom", "--out", str(tmp_path / "o"), "--n", "1", "--split", "validation"]) == 2

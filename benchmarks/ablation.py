@@ -1,0 +1,73 @@
+"""Ablation of the training objectives at an equal, reduced budget (which objective buys what).
+
+    python -m benchmarks.ablation [--steps 80] [--data data/phantom]
+
+Trains phantom-demo three times with the same seed, data and step budget — SigLIP only; + disease prompts
+(pooled and token-level MIL); + snippet-slice localization (the full recipe) — then evaluates each on the held-out
+split exactly as benchmarks/quality.py does. Costs about 3 x (steps x 8 s) on 2 CPU cores. Prints a table and
+writes benchmarks/results/ablation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.common import RESULTS, ensure_split, headline, write_json
+
+VARIANTS = {
+    "siglip": ["loss.disease.enabled=false", "loss.mil.enabled=false", "loss.localization.enabled=false"],
+    "siglip+disease": ["loss.localization.enabled=false"],
+    "siglip+disease+loc": [],
+}
+COLUMNS = ("auroc", "R@10", "loc_median_mm", "loc_within_pct", "pointing_game")
+
+
+def _run(cmd: list[str]) -> None:
+    logging.info("$ %s", " ".join(cmd))
+    subprocess.run(cmd, check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--data", default="data/phantom")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--val-split", default="valid")
+    ap.add_argument("--runs", default="runs/ablation")
+    ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="train/evaluate only these variants")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from training.evaluate import evaluate
+
+    data = Path(args.data)
+    ensure_split(data, args.split, n=100, seed=3)
+    ensure_split(data, args.val_split, n=100, seed=2)
+    out = RESULTS / "ablation.json"
+    rows: dict[str, dict] = {}
+    for name, overrides in VARIANTS.items():
+        if args.only and name not in args.only:
+            continue
+        run = Path(args.runs) / name
+        train = [sys.executable, "-m", "training", "train", "--config", "training/configs/phantom-demo.yaml",
+                 "--data", str(data), "--out", str(run), "--no-progress",
+                 "--override", f"train.max_steps={args.steps}", "--override", f"optim.warmup_steps={args.steps // 10}"]
+        for o in overrides:
+            train += ["--override", o]
+        _run(train)
+        _run([sys.executable, "-m", "training", "export", str(run), "--out", str(run / "weights")])
+        rows[name] = headline(evaluate(str(run / "weights"), data, split=args.split, val_split=args.val_split))
+        write_json(out, {"steps": args.steps, "split": args.split, "variants": VARIANTS, "headline": rows})
+    print(f"{'objectives':22s} " + " ".join(f"{c:>14s}" for c in COLUMNS))
+    for name, row in rows.items():
+        print(f"{name:22s} " + " ".join(f"{'-' if row.get(c) is None else format(row[c], '.3f'):>14s}"
+                                        for c in COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""Regenerate README.md's results section from benchmarks/results/*.json (never edit those numbers by hand).
+
+    python -m benchmarks.update_readme
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _f(v: Any, digits: int = 3, unit: str = "") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, (int, float)):
+        return f"{v:.{digits}f}{unit}"
+    return str(v)
+
+
+def quality_section(q: dict) -> list[str]:
+    cols = [k for k in ("model", "random", "prevalence") if k in q["headline"]]
+    rows = [("mean zero-shot AUROC", "auroc", 3, "≥ 0.90"),
+            ("mean F1, threshold fixed on valid", "f1_fixed_on_valid", 3, ""),
+            ("mean F1, threshold picked on test (CT-CLIP rule)", "f1_eval_set", 3, ""),
+            ("report→volume R@1 (pool of 100)", "R@1", 3, ""),
+            ("report→volume R@10 (pool of 100)", "R@10", 3, "≥ 0.5"),
+            ("snippet localization, median error (mm)", "loc_median_mm", 1, "≤ 10"),
+            ("snippet localization, within finding's slices (%)", "loc_within_pct", 1, "≥ 70"),
+            ("pointing game, focal findings", "pointing_game", 3, "≥ 0.7"),
+            ("heatmap mass in mask", "mass_in_mask", 3, "")]
+    out = [f"Held-out phantom split `{q['split']}` (seed never used in training), thresholds fixed on "
+           f"`{q['val_split']}`; `python -m benchmarks.quality`:", "",
+           "| metric | " + " | ".join("demo model" if c == "model" else f"{c} baseline" for c in cols) + " | target |",
+           "|---|" + "---|" * (len(cols) + 1)]
+    for title, key, digits, target in rows:
+        out.append(f"| {title} | " + " | ".join(_f(q["headline"][c].get(key), digits) for c in cols)
+                   + f" | {target} |")
+    per = q["reports"]["model"]["classification"]["per_label"]
+    out += ["", "<details><summary>Per-label AUROC (demo model)</summary>", "",
+            "| label | AUROC |", "|---|---|"]
+    out += [f"| {name} | {_f(row['auroc'])} |" for name, row in per.items()]
+    out += ["", "</details>"]
+    return out
+
+
+def ablation_section(a: dict) -> list[str]:
+    out = [f"Objectives ablation, each trained {a['steps']} steps (same seed, data and budget), same split; "
+           "`python -m benchmarks.ablation`:", "",
+           "| objectives | AUROC | R@10 | loc. median (mm) | loc. within (%) | pointing game |",
+           "|---|---|---|---|---|---|"]
+    for name, r in a["headline"].items():
+        out.append(f"| {name} | {_f(r.get('auroc'))} | {_f(r.get('R@10'))} | {_f(r.get('loc_median_mm'), 1)} | "
+                   f"{_f(r.get('loc_within_pct'), 1)} | {_f(r.get('pointing_game'))} |")
+    return out
+
+
+def speed_section(s: dict) -> list[str]:
+    m = s["main"]
+    cold, warm = m["cold"], m["warm"]
+    out = [f"Inference on this machine class ({s['threads']} CPU threads), model: {m['model']}; "
+           "`python -m benchmarks.inference_speed`:", "",
+           "| measurement | result | target |", "|---|---|---|",
+           f"| 512×512×300 CT: load + encode + 18 probabilities + 18 heatmaps (first volume) | "
+           f"{_f(cold['total_s'], 2, ' s')} | ≤ 15 s |",
+           f"| same, next volume (prompt embeddings cached) | {_f(warm['total_s'], 2, ' s')} | |",
+           f"| peak RSS | {_f(m['peak_rss_mb_end'] / 1024, 2, ' GB')} | ≤ 4 GB |",
+           f"| `locate`, new free-text query | {_f(m['locate_new_ms'], 1, ' ms')} | ≤ 30 ms |",
+           f"| `locate`, repeated query | {_f(m['locate_repeat_ms'], 2, ' ms')} | ≤ 2 ms |",
+           f"| heatmap for a new query, model grid | {_f(m['heatmap_new_model_ms'], 0, ' ms')} | ≤ 100 ms |",
+           f"| heatmap for a new query, input grid | {_f(m['heatmap_new_input_ms'], 0, ' ms')} | ≤ 1.5 s |"]
+    for row in s.get("scaling", []):
+        out.append(f"| scaling: {row['size']} pipeline | {_f(row['cold']['total_s'], 2, ' s')} | |")
+    col = s.get("colipri", {})
+    out.append(f"| COLIPRI image encoder (192³, random weights) | "
+               f"{col.get('skipped') or _f(col.get('ratio'), 1, '× our encode time')} | |")
+    return out
+
+
+def data_section(p: dict | None, mq: dict | None, ma: dict | None) -> list[str]:
+    out = []
+    if p:
+        out.append(f"- Phantom generator (`python benchmarks/phantom_speed.py`): "
+                   f"{_f(p['generation_volumes_per_s'], 2)} volumes/s generated, "
+                   f"{_f(p['generate_write_volumes_per_s'], 2)} volumes/s generated and written "
+                   f"(.nii.gz + mask), per core, at the default size.")
+    if mq:
+        a = mq["quality"]
+        out.append(f"- Reference miner (`python benchmarks/miner_quality.py`): precision {_f(a['all']['precision'])}, "
+                   f"recall {_f(a['all']['recall'])} on {a['all']['sentences']} labelled sentences "
+                   f"({a['all']['references']} references; the set was used during development, see the note in "
+                   f"the benchmark); {mq['throughput']['reports_per_s']:.0f} reports/s.")
+    if ma:
+        mt, mv = ma["mined_vs_true"], ma.get("model_vs_true", {})
+        line = (f"- Mined slices vs phantom truth (`python benchmarks/mining_agreement.py`): "
+                f"{_f(100 * mt['in_true_range'], 1)}% inside the finding's slices")
+        if "skipped" not in mv and mv:
+            line += (f"; model vs truth: median {_f(mv.get('median_abs_error_mm'), 1)} mm, "
+                     f"{_f(100 * mv.get('in_true_range', 0), 1)}% inside")
+        out.append(line + ".")
+    return out
+
+
+def render() -> str:
+    parts: list[str] = []
+    q, a, s = _load("quality"), _load("ablation"), _load("inference_speed")
+    if q:
+        parts += ["### Demo model quality", ""] + quality_section(q) + [""]
+    if a:
+        parts += ["### Which objective buys what", ""] + ablation_section(a) + [""]
+    if s:
+        parts += ["### Speed", ""] + speed_section(s) + [""]
+    parts += ["### Data and mining", ""] + data_section(_load("phantom_speed"), _load("miner_quality"),
+                                                        _load("mining_agreement"))
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def main() -> int:
+    text = README.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no {START} ... {END} block")
+    README.write_text(pattern.sub(lambda _: f"{START}\n{render()}{END}", text), encoding="utf-8")
+    print(render())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
