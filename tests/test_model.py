@@ -361,3 +361,34 @@ def test_one_training_step_with_all_losses(images):
         assert grad is not None and grad.abs().sum() > 0, name
     assert model.disease_bias.grad[LABELS.index("Lung nodule")] != 0
     assert model.disease_bias.grad[LABELS.index("Emphysema")] == 0  # all missing: no gradient
+
+
+def _cnn_tiny() -> ModelConfig:
+    return tiny_config("hybrid").replace(pooling="cnn", label_adapters=True, mil_disease=True)
+
+
+def test_cnn_pooling_and_label_adapters_round_trip(images, tmp_path):
+    torch.manual_seed(0)
+    model = CTVLModel(_cnn_tiny()).eval()
+    with torch.no_grad():
+        emb = model.encode_image(images)
+        assert emb.pooled.shape == (2, model.config.shared_dim)
+        torch.testing.assert_close(emb.pooled.norm(dim=-1), torch.ones(2))
+        assert not torch.allclose(emb.pooled[0], emb.pooled[1])  # the CNN branch sees the image
+        pos0, neg0 = model.prompt_embeddings(["Lung nodule", "a free-text finding"])
+        model.label_adapters.add_(torch.randn_like(model.label_adapters))
+        pos1, neg1 = model.prompt_embeddings(["Lung nodule", "a free-text finding"])
+    assert not torch.allclose(pos0[0], pos1[0]) and not torch.allclose(neg0[0], neg1[0])  # a CT-RATE label moves
+    torch.testing.assert_close(pos0[1], pos1[1])  # free text is untouched
+    torch.testing.assert_close(pos1.norm(dim=-1), torch.ones(2))
+    out = save_weights(model, tmp_path / "cnn")
+    loaded = load_weights(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images).pooled, model.encode_image(images).pooled,
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(loaded.prompt_embeddings(["Lung nodule"])[0], pos1[:1])
+
+
+def test_cnn_pooling_needs_hybrid():
+    with pytest.raises(CTVLWeightsError):
+        ModelConfig(encoder="vit", pooling="cnn").validate()

@@ -90,3 +90,22 @@ def test_ddp_two_processes_gloo(data, tmp_path):
     assert summary["world_size"] == 2 and summary["step"] == 3
     digests = summary["rank_weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_label_biases_start_at_the_prior_log_odds():
+    import types
+
+    import numpy as np
+    import torch
+    from ctvl.model import CTVLModel, tiny_config
+    from training.engine import init_label_priors
+
+    model = CTVLModel(tiny_config("hybrid").replace(mil_disease=True))
+    labels = np.zeros((4, 18), dtype=np.float32)
+    labels[:1, 0] = 1.0  # 25 % prevalence for the first label
+    labels[:, 1] = np.nan  # unknown everywhere -> clamped prior, never NaN
+    ds = types.SimpleNamespace(records=[types.SimpleNamespace(labels=row) for row in labels])
+    init_label_priors(model, ds)
+    assert torch.isfinite(model.disease_bias).all()
+    assert abs(float(model.disease_bias.detach()[0]) - float(np.log(0.25 / 0.75))) < 1e-6
+    torch.testing.assert_close(model.mil_bias, model.disease_bias)

@@ -280,6 +280,26 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def init_label_priors(model, ds) -> None:
+    """Start the per-label disease biases at the training set's log prior odds (deterministic on every rank).
+
+    Without this the fastest way to fit label prevalence is to map every scan to one embedding, and the
+    representation collapses before it learns anything (measured on the phantom corpus).
+    """
+    labels = [r.labels for r in getattr(ds, "records", [])]
+    if not labels:
+        return
+    y = torch.as_tensor(np.stack(labels), dtype=torch.float32)
+    valid = torch.isfinite(y) & (y >= 0)
+    prev = (torch.where(valid, y, torch.zeros_like(y)).sum(0) / valid.sum(0).clamp_min(1)).clamp(0.01, 0.99)
+    prior = torch.log(prev / (1 - prev))
+    with torch.no_grad():
+        for name in ("disease_bias", "mil_bias"):
+            param = getattr(model, name, None)
+            if isinstance(param, torch.Tensor) and param.shape == prior.shape:
+                param.copy_(prior.to(param.device, param.dtype))
+
+
 def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = True,
           stop_after: int | None = None) -> dict[str, Any]:
     """Train per ``cfg``; writes ``out/config.yaml``, ``out/log.csv``, ``out/checkpoints/``. Returns a summary.
@@ -326,6 +346,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     _barrier(world)
     if not main:
         ds.prepare(workers=1, progress=False)
+    init_label_priors(model, ds)  # before DDP wraps the model and before any resume overwrites it
     sampler = ResumableSampler(ds, num_replicas=world, rank=rank, seed=tc.seed, shuffle=True)
     micro_per_epoch = sampler.num_samples // tc.batch_size
     if micro_per_epoch == 0:

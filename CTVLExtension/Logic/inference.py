@@ -239,6 +239,9 @@ class VolumeEncoding:
             means.append(torch.nn.functional.normalize(emb[i:i + len(g)].mean(0), dim=-1))
             i += len(g)
         stacked = torch.stack(means).reshape(len(labels), 2, -1)
+        if hasattr(self.model, "adapt_prompt_embeddings"):  # learned per-label residuals, as in training
+            with self._lock, torch.no_grad():
+                return self.model.adapt_prompt_embeddings(labels, stacked[:, 0], stacked[:, 1])
         return stacked[:, 0], stacked[:, 1]
 
     def disease_probabilities(self, labels: list[str] | None = None) -> dict[str, float]:

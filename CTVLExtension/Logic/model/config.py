@@ -51,7 +51,11 @@ class ModelConfig:
     pos_embed: str = "sincos"  # "sincos" (fixed) | "learnable"
     dropout: float = 0.0
     grad_checkpointing: bool = False
-    pooling: str = "attention"  # "attention" | "mean" (pooled = weighted mean of projected tokens)
+    # "attention" | "mean" (pooled = weighted mean of projected tokens) | "max+attention" (+ a token-wise max, mixed
+    # by a linear layer: mean-like pooling alone dilutes a 1-cm lesion among ~10^4 tokens and does not learn)
+    # "cnn" (hybrid): a CNN branch (one more conv stage on the stem, global max and mean, MLP); on the phantom
+    # corpus mean/attention pooling of ~10^4 tokens collapsed to one embedding for every scan, this learns (measured)
+    pooling: str = "attention"
     bin_kernel: int = 3  # 1D conv kernel of the depth-bin combiner
     # dense decoder head (hybrid only): FPN-style upsampling of the transformer tokens to a finer stem stage
     dense_head: bool = False
@@ -60,6 +64,10 @@ class ModelConfig:
     # token-level (MIL) disease scores: LSE pooling (1/r) log mean exp(r z) of per-token prompt logits
     mil_disease: bool = False
     mil_r: float = 5.0
+    # learned per-label residuals on the 18 labels' prompt embeddings (disease query vectors initialised at the
+    # prompts): frozen-MiniLM prompt pairs differ mostly by one shared negation direction, so without them the 18
+    # labels' logits move together and the disease objective does not learn (measured; see the README)
+    label_adapters: bool = False
     # joint space
     shared_dim: int = 128
     proj_hidden: int = 256
@@ -150,8 +158,12 @@ class ModelConfig:
             bad(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.pos_embed not in ("sincos", "learnable"):
             bad(f"unknown pos_embed {self.pos_embed!r}")
-        if self.pooling not in ("attention", "mean") or self.report_pooling not in ("attention", "mean"):
-            bad("pooling and report_pooling must be 'attention' or 'mean'")
+        if self.pooling not in ("attention", "mean", "max+attention", "cnn"):
+            bad(f"unknown pooling {self.pooling!r} (attention, mean, max+attention or cnn)")
+        if self.report_pooling not in ("attention", "mean"):
+            bad(f"unknown report_pooling {self.report_pooling!r} (attention or mean)")
+        if self.pooling == "cnn" and self.encoder != "hybrid":
+            bad("pooling 'cnn' needs the hybrid encoder")
         if self.text_pooling not in ("mean", "cls"):
             bad(f"unknown text_pooling {self.text_pooling!r}")
         if self.text_trainable_layers < 0:
@@ -226,8 +238,10 @@ def tiny_config(encoder: str = "hybrid") -> ModelConfig:
 
 
 PRESETS = {
-    "demo-hybrid": lambda: ModelConfig(name="ctvl-demo", encoder="hybrid", dense_head=True, mil_disease=True),
-    "demo-vit": lambda: ModelConfig(name="ctvl-demo-vit", encoder="vit", patch_size=(4, 8, 8), mil_disease=True),
+    "demo-hybrid": lambda: ModelConfig(name="ctvl-demo", encoder="hybrid", dense_head=True, mil_disease=True,
+                                       pooling="cnn", label_adapters=True),
+    "demo-vit": lambda: ModelConfig(name="ctvl-demo-vit", encoder="vit", patch_size=(4, 8, 8), mil_disease=True,
+                                    pooling="max+attention", label_adapters=True),
     "tiny-hybrid": lambda: tiny_config("hybrid"),
     "tiny-vit": lambda: tiny_config("vit"),
 }

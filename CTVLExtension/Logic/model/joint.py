@@ -196,7 +196,18 @@ class CTVLModel(nn.Module):
             self.dense.apply(_init_weights)
             self.dense_token = nn.Linear(config.dense_dim, e)  # dense features -> shared space (added to tokens)
             self.dense_bin = nn.Linear(config.dense_dim, c)  # in-plane mean of dense features -> bin features
-        self.pool = AttentionPool(c, config.num_heads) if config.pooling == "attention" else None
+        self.label_adapters = nn.Parameter(torch.zeros(len(LABELS), 2, e)) if config.label_adapters else None
+        self.pool = AttentionPool(c, config.num_heads) if config.pooling in ("attention", "max+attention") else None
+        # "max+attention": pooled = W [max_x tok(x); attention-pooled] (the max carries focal findings)
+        self.pool_mix = nn.Linear(2 * e, e) if config.pooling == "max+attention" else None
+        self.cnn_branch: nn.Module | None = None
+        if config.pooling == "cnn":
+            cs = int(config.stem_channels[-1])
+            self.cnn_branch = nn.Sequential(
+                nn.Conv3d(cs, 2 * cs, kernel_size=3, stride=2, padding=1, bias=False), nn.GroupNorm(8, 2 * cs),
+                nn.GELU())
+            self.cnn_branch.apply(_init_weights)
+            self.cnn_head = mlp_head(4 * cs, config.proj_hidden, e)
         self.bin_combiner = DepthBinCombiner(c, config.bin_kernel)
         self.bin_head = mlp_head(c, config.proj_hidden, e)
         self.text = TextTower(config)
@@ -229,7 +240,10 @@ class CTVLModel(nn.Module):
     # ------------------------------------------------------------------ image
     def encode_image(self, x: Tensor) -> ImageEmbeddings:
         """x [B,1,D,H,W] (windowed to [0,1], model grid) -> ImageEmbeddings on the `config.token_grid()` grid."""
-        if self.dense is not None:
+        stem = None
+        if self.cnn_branch is not None:
+            feats, skip, stem = self.vision.forward_features(x)
+        elif self.dense is not None:
             feats, skip = self.vision(x, return_skip=True)
         else:
             feats, skip = self.vision(x), None  # [B,d,h,w,C]
@@ -238,6 +252,10 @@ class CTVLModel(nn.Module):
         tokens = self.token_head(flat)  # [B,N,E]
         if self.dense is None:
             pooled = self.pool(flat, tokens) if self.pool is not None else tokens.mean(1)
+            if self.cnn_branch is not None:
+                pooled = self._global_branch(tokens, stem)
+            elif self.pool_mix is not None:
+                pooled = self.pool_mix(torch.cat([self._global_branch(tokens, stem), pooled], dim=-1))
             bins = self.bin_head(self.bin_combiner(feats.mean(dim=(2, 3))))  # [B,d,E]
             return ImageEmbeddings(tokens.reshape(b, d, h, w, -1), F.normalize(pooled, dim=-1),
                                    F.normalize(bins, dim=-1))
@@ -248,16 +266,27 @@ class CTVLModel(nn.Module):
                            align_corners=False)
         dense = up.permute(0, 2, 3, 4, 1) + self.dense_token(mixed.permute(0, 2, 3, 4, 1))  # [B,D',H',W',E]
         dflat = dense.reshape(b, -1, dense.shape[-1])
-        if self.pool is not None:  # scores from the transformer features, trilinearly upsampled (cheap)
+        if self.cnn_branch is not None:  # the CNN branch alone: attention-pooling dense tokens anchored it (measured)
+            pooled = self._global_branch(dflat, stem)
+        elif self.pool is not None:  # scores from the transformer features, trilinearly upsampled (cheap)
             sc = self.pool.scores(flat).reshape(b, -1, d, h, w)
             sc = F.interpolate(sc, size=fine, mode="trilinear", align_corners=False).reshape(b, sc.shape[1], -1)
             pooled = self.pool.combine(sc.softmax(-1), dflat)
         else:
             pooled = dflat.mean(1)
+        if self.pool_mix is not None and self.cnn_branch is None:
+            pooled = self.pool_mix(torch.cat([self._global_branch(dflat, stem), pooled], dim=-1))
         coarse = F.interpolate(feats.mean(dim=(2, 3)).transpose(1, 2), size=fine[0], mode="linear",
                                align_corners=False).transpose(1, 2)  # = in-plane mean of the upsampled features
         bins = self.bin_head(self.bin_combiner(coarse + self.dense_bin(mixed.mean(dim=(3, 4)).transpose(1, 2))))
         return ImageEmbeddings(dense, F.normalize(pooled, dim=-1), F.normalize(bins, dim=-1))
+
+    def _global_branch(self, tokens: Tensor, stem: Tensor | None) -> Tensor:
+        """[B,E]: the CNN branch (global max and mean of one more conv stage on the stem) or the token-wise max."""
+        if self.cnn_branch is None or stem is None:
+            return tokens.amax(1)
+        f = self.cnn_branch(stem)
+        return self.cnn_head(torch.cat([f.amax(dim=(2, 3, 4)), f.mean(dim=(2, 3, 4))], dim=-1))
 
     # ------------------------------------------------------------------ text
     def _encode_units(self, units: list[list[str]]) -> Tensor:
@@ -314,7 +343,23 @@ class CTVLModel(nn.Module):
             means.append(F.normalize(emb[i:i + len(g)].mean(0), dim=-1))
             i += len(g)
         stacked = torch.stack(means).reshape(len(labels), 2, -1)
-        return stacked[:, 0], stacked[:, 1]
+        return self.adapt_prompt_embeddings(labels, stacked[:, 0], stacked[:, 1])
+
+    def adapt_prompt_embeddings(self, labels: list[str] | tuple[str, ...], pos: Tensor,
+                                neg: Tensor) -> tuple[Tensor, Tensor]:
+        """Add the learned per-label residuals (config.label_adapters) to the CT-RATE labels' mean prompt embeddings
+        and renormalise; other labels (free text) pass unchanged. Every prompt-embedding path must call this."""
+        if self.label_adapters is None:
+            return pos, neg
+        idx = {name: i for i, name in enumerate(LABELS)}
+        rows = [i for i, lab in enumerate(labels) if lab in idx]
+        if not rows:
+            return pos, neg
+        delta = self.label_adapters[[idx[labels[i]] for i in rows]].to(pos.dtype)  # [R,2,E]
+        pos, neg = pos.clone(), neg.clone()
+        pos[rows] = F.normalize(pos[rows] + delta[:, 0], dim=-1)
+        neg[rows] = F.normalize(neg[rows] + delta[:, 1], dim=-1)
+        return pos, neg
 
     def label_bias(self, labels: list[str] | tuple[str, ...] | None = None, mil: bool = False) -> Tensor:
         """Per-label calibration bias [L] (learned for the CT-RATE labels, 0 for others); `mil`: the MIL bias."""

@@ -170,6 +170,34 @@ class VisionEncoder(nn.Module):
         pos = F.interpolate(pos, size=grid, mode="trilinear", align_corners=False)
         return pos.permute(0, 2, 3, 4, 1).to(x.dtype)
 
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Hybrid only: (features [B,d,h,w,C], dense-stage skip or None, last conv stage [B,Cs,d,h,w] before the
+        1x1 projection) — the CNN features feed the pooled embedding's CNN branch."""
+        if self.config.encoder != "hybrid":
+            raise ValueError("forward_features needs the hybrid encoder")
+        net = self.tokenizer.net
+        want = 3 * self.config.dense_stage_index() + 2 if self.config.uses_dense_head() else -1
+        skip = None
+        f = x
+        for i, layer in enumerate(net[:-1]):
+            f = layer(f)
+            if i == want:
+                skip = f
+        stem = f
+        f = net[-1](stem)
+        return self._transform(f), skip, stem
+
+    def _transform(self, f: Tensor) -> Tensor:
+        b, c, d, h, w = f.shape
+        f = f.permute(0, 2, 3, 4, 1) + self._pos((d, h, w), f)
+        t = f.reshape(b, d * h * w, c)
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and t.requires_grad:
+                t = checkpoint(blk, t, use_reentrant=False)
+            else:
+                t = blk(t)
+        return self.norm(t).reshape(b, d, h, w, c)
+
     def forward(self, x: Tensor, return_skip: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"expected images [B,1,D,H,W], got {tuple(x.shape)}")
