@@ -98,6 +98,7 @@ def test_label_biases_start_at_the_prior_log_odds():
     import numpy as np
     import torch
     from ctvl.model import CTVLModel, tiny_config
+
     from training.engine import init_label_priors
 
     model = CTVLModel(tiny_config("hybrid").replace(mil_disease=True))
