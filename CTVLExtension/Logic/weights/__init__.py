@@ -1,0 +1,1 @@
+"""Embedded model weights: `demo/` is the phantom-trained demo model (config.json, model.safetensors, prompts.json, card.md)."""
