@@ -1,1 +1,1 @@
-"""Embedded model weights: `demo/` is the phantom-trained demo model (config.json, model.safetensors, prompts.json, card.md)."""
+"""Embedded model weights: `demo/` holds the phantom-trained demo model (config, safetensors, prompts, card)."""
