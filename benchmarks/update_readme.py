@@ -31,7 +31,7 @@ def _f(v: Any, digits: int = 3, unit: str = "") -> str:
 
 def quality_section(q: dict) -> list[str]:
     cols = [k for k in ("model", "random", "prevalence") if k in q["headline"]]
-    rows = [("mean zero-shot AUROC", "auroc", 3, "≥ 0.90"),
+    rows = [("mean AUROC, positive vs negative prompt", "auroc", 3, "≥ 0.90"),
             ("mean F1, threshold fixed on valid", "f1_fixed_on_valid", 3, ""),
             ("mean F1, threshold picked on test (CT-CLIP rule)", "f1_eval_set", 3, ""),
             ("report→volume R@1 (pool of 100)", "R@1", 3, ""),
