@@ -208,15 +208,7 @@ class VisionEncoder(nn.Module):
             f, skip = self.tokenizer(x, return_stage=self.config.dense_stage_index())
         else:
             f = self.tokenizer(x)  # [B, C, d, h, w]
-        b, c, d, h, w = f.shape
-        f = f.permute(0, 2, 3, 4, 1) + self._pos((d, h, w), f)
-        t = f.reshape(b, d * h * w, c)
-        for blk in self.blocks:
-            if self.grad_checkpointing and self.training and t.requires_grad:
-                t = checkpoint(blk, t, use_reentrant=False)
-            else:
-                t = blk(t)
-        out = self.norm(t).reshape(b, d, h, w, c)
+        out = self._transform(f)
         return (out, skip) if return_skip else out
 
 
