@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from ctvl.atomic import atomic_write_bytes
 from ctvl.errors import CTVLWeightsError
 from ctvl.model.config import ModelConfig
 from ctvl.model.joint import CTVLModel
@@ -30,17 +30,7 @@ TRAIN_HINT = ("train and export it: `python -m training train --config training/
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def resolve_weights_dir(path_or_name: str | os.PathLike) -> Path:
