@@ -345,3 +345,16 @@ def test_volume_to_sitk_geometry_survives_file(tmp_path):
     lps = np.array(image.TransformIndexToPhysicalPoint((3, 5, 7)))
     np.testing.assert_allclose(lps * [-1, -1, 1], volume.ijk_to_ras_points([3, 5, 7])[0], atol=1e-9)
     assert volume_to_sitk(volume).GetDirection() == pytest.approx(image.GetDirection(), abs=1e-12)
+
+
+def test_atomic_writes_get_normal_file_modes(tmp_path):
+    import os
+    import stat
+
+    from ctvl.atomic import NEW_FILE_MODE, atomic_write_bytes
+
+    new = atomic_write_bytes(tmp_path / "new.bin", b"x")
+    assert stat.S_IMODE(new.stat().st_mode) == NEW_FILE_MODE  # like open(), not mkstemp's 0o600
+    os.chmod(new, 0o640)
+    atomic_write_bytes(new, b"y")
+    assert stat.S_IMODE(new.stat().st_mode) == 0o640 and new.read_bytes() == b"y"  # a replaced file keeps its mode

@@ -14,6 +14,7 @@ vtk = pytest.importorskip("vtk")
 from ctvl import scene as sc  # noqa: E402
 from ctvl.errors import CTVLInputError  # noqa: E402
 from ctvl.geometry import Volume  # noqa: E402
+from ctvl.headless import HeadlessViews  # noqa: E402
 from ctvl.jobs import BackgroundJob, JobMonitor, JobState  # noqa: E402
 from ctvl.prompts import LABELS  # noqa: E402
 from ctvl.workflow import AnalysisResults, analyze, find_in_scan  # noqa: E402
@@ -23,27 +24,8 @@ SliceHitLike = namedtuple("SliceHitLike", "slice position_mm score")
 # ------------------------------------------------------------------------------------------- fixtures
 
 
-class Views:
-    """A headless 'application': colour tables + Red/Yellow/Green slice logics, like Slicer's layout."""
-
-    def __init__(self) -> None:
-        self.scene = slicer.vtkMRMLScene()
-        self.colors = slicer.vtkMRMLColorLogic()
-        self.colors.SetMRMLScene(self.scene)
-        self.app = slicer.vtkMRMLApplicationLogic()
-        self.app.SetMRMLScene(self.scene)
-        self.logics = {}
-        collection = vtk.vtkCollection()
-        for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
-            logic = slicer.vtkMRMLSliceLogic()
-            logic.SetMRMLScene(self.scene)
-            logic.SetMRMLApplicationLogic(self.app)
-            node = logic.AddSliceNode(name)
-            node.SetOrientation(orientation)
-            node.SetDimensions(96, 96, 1)
-            self.logics[name] = logic
-            collection.AddItem(logic)
-        self.app.SetSliceLogics(collection)
+class Views(HeadlessViews):
+    """Slicer's three slice views without Qt (ctvl.headless), plus inspection helpers."""
 
     def node_ids(self) -> set[str]:
         return {self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())}
@@ -54,17 +36,6 @@ class Views:
             c = logic.GetSliceCompositeNode()
             out.append((c.GetBackgroundVolumeID(), c.GetForegroundVolumeID(), c.GetForegroundOpacity()))
         return out
-
-    def render(self, name: str = "Red") -> np.ndarray:
-        """The blended RGBA slice image (rows = XY y, cols = XY x) that the slice view would show."""
-        logic = self.logics[name]
-        producer = logic.GetImageDataConnection().GetProducer()
-        producer.Update()
-        image = producer.GetOutputDataObject(0)
-        from vtk.util.numpy_support import vtk_to_numpy
-
-        nx, ny, _ = image.GetDimensions()
-        return vtk_to_numpy(image.GetPointData().GetScalars()).reshape(ny, nx, -1).copy()
 
     def xy_to_ras(self, name: str = "Red") -> np.ndarray:
         return slicer.util.arrayFromVTKMatrix(self.logics[name].GetSliceNode().GetXYToRAS())

@@ -14,27 +14,14 @@ from ctvl import scene as sc  # noqa: E402
 from ctvl import verify  # noqa: E402
 from ctvl.errors import CTVLInputError  # noqa: E402
 from ctvl.geometry import Volume  # noqa: E402
+from ctvl.headless import HeadlessViews  # noqa: E402
 
 
-class Views:
-    """Headless Red/Yellow/Green slice logics on a fresh scene (as in Slicer's layout)."""
+class Views(HeadlessViews):
+    """Headless Red/Yellow/Green slice logics on a fresh scene (ctvl.headless)."""
 
     def __init__(self) -> None:
-        self.scene = slicer.vtkMRMLScene()
-        self.app = slicer.vtkMRMLApplicationLogic()
-        self.app.SetMRMLScene(self.scene)
-        self.logics = {}
-        collection = vtk.vtkCollection()
-        for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
-            logic = slicer.vtkMRMLSliceLogic()
-            logic.SetMRMLScene(self.scene)
-            logic.SetMRMLApplicationLogic(self.app)
-            node = logic.AddSliceNode(name)
-            node.SetOrientation(orientation)
-            node.SetDimensions(64, 64, 1)
-            self.logics[name] = logic
-            collection.AddItem(logic)
-        self.app.SetSliceLogics(collection)
+        super().__init__(size=64)
 
     def red(self):
         return self.logics["Red"].GetSliceNode()

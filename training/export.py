@@ -39,6 +39,9 @@ def model_card(ck: dict, eval_report: dict | None) -> str:
         "## Model",
         f"- encoder {mc.get('encoder')}, input {mc.get('input_shape')} voxels at {mc.get('spacing')} mm, "
         f"HU window {mc.get('hu_window')}, shared dim {mc.get('shared_dim')}, text model {mc.get('text_model')}",
+        f"- token-level (MIL) disease scores: {'on' if mc.get('mil_disease') else 'off'}; CT densitometry bands: "
+        + (f"{len(mc['density_edges_hu']) + 1} (edges {list(mc['density_edges_hu'])} HU)"
+           if mc.get("density_edges_hu") else "off"),
         "",
         "## Training data",
         f"- {cfg.data.root} split '{cfg.data.train_split}' (CT-RATE layout)"
@@ -47,7 +50,7 @@ def model_card(ck: dict, eval_report: dict | None) -> str:
         f"- config '{cfg.name}': {ck['step']} steps, batch {cfg.train.batch_size} x {ck.get('world_size', 1)} "
         f"process(es) x accumulation {cfg.train.grad_accum}, lr {cfg.optim.lr}",
         "- objectives: " + ", ".join(
-            f"{k} (weight {getattr(cfg.loss, k).weight})" for k in ("siglip", "disease", "localization")
+            f"{k} (weight {getattr(cfg.loss, k).weight})" for k in ("siglip", "disease", "mil", "localization")
             if getattr(cfg.loss, k).enabled),
         "",
         "## Metrics",

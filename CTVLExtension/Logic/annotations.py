@@ -24,13 +24,13 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ctvl.atomic import atomic_file, fsync_dir
 from ctvl.errors import CTVLInputError
 
 try:  # POSIX; Windows falls back to an O_EXCL lock file
@@ -266,34 +266,13 @@ def apply_verified(
 # --------------------------------------------------------------------------------------------------- writing
 
 
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not possible on Windows; best effort elsewhere
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def write_jsonl_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     """Write records as JSON Lines to ``path`` atomically (temp in same dir + fsync + rename). Returns count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_file(path, "w", encoding="utf-8", newline="\n") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 
@@ -327,7 +306,7 @@ class AnnotationStore:
             created = not self.path.exists()
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
             if created:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
             self.records = read_records(self.path)
         except BaseException:
             self.close()

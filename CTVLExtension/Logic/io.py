@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from ctvl.atomic import atomic_path
 from ctvl.errors import CTVLInputError
 from ctvl.geometry import Volume, volume_from_sitk, volume_to_sitk
 
@@ -163,22 +163,12 @@ def write_volume(volume: Volume, path: str | Path, dtype: np.dtype | type | None
     if suffix not in WRITABLE:
         raise CTVLInputError(path, f"cannot write '{suffix}' files", "Use .nii.gz, .nii, .nrrd or .mha")
     image = volume_to_sitk(volume, dtype)
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-        os.close(fd)
-        sitk.WriteImage(image, tmp, compress and suffix in (".nrrd", ".mha"))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path, suffix) as tmp:
+            sitk.WriteImage(image, str(tmp), compress and suffix in (".nrrd", ".mha"))
     except (OSError, RuntimeError) as err:
         raise CTVLInputError(path, f"could not be written ({_itk_reason(err)})",
                              "Check that the folder is writable and has free space") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
     return path
 
 
@@ -307,14 +297,3 @@ def _int_or(text: str | None, default: int | None) -> int | None:
         return default
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -7,12 +7,11 @@ anterior at the top), so the picture is right whatever the input's orientation.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from ctvl.atomic import atomic_file
 from ctvl.geometry import Volume
 
 LUNG_WINDOW = (-1350.0, 150.0)
@@ -92,15 +91,6 @@ def write_overview(encoding, panels: list[Panel], path: str | Path, size: int = 
     if suptitle:
         fig.suptitle(suptitle, color="white", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".overview-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", facecolor=fig.get_facecolor())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        fig.savefig(fh, format="png", facecolor=fig.get_facecolor())
     return path

@@ -7,13 +7,13 @@ import gzip
 import io
 import json
 import logging
-import os
 import shutil
 import struct
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from ctvl.atomic import atomic_file
 from ctvl.errors import CTVLInputError
 from ctvl.prompts import LABELS
 
@@ -32,12 +32,6 @@ METADATA_COLUMNS = [
 ]
 SCANNERS = [("SIEMENS", "SOMATOM Definition Edge", "Br40f"), ("Philips", "Ingenuity CT", "B"),
             ("GE MEDICAL SYSTEMS", "Revolution EVO", "STANDARD"), ("TOSHIBA", "Aquilion PRIME", "FC08")]
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
 
 
 def write_nifti(array: np.ndarray, ijk_to_ras: np.ndarray, path: Path, slope: float = 1.0, intercept: float = 0.0,
@@ -66,20 +60,14 @@ def write_nifti(array: np.ndarray, ijk_to_ras: np.ndarray, path: Path, slope: fl
             endian = "<" if struct.unpack("<i", head)[0] == 348 else ">"
             fh.seek(112)
             fh.write(struct.pack(endian + "ff", slope, intercept))
-        tmp = Path(tdir) / "v.nii.gz"
-        with open(raw, "rb") as src, open(tmp, "wb") as dst_raw, \
+        with open(raw, "rb") as src, atomic_file(path) as dst_raw, \
                 gzip.GzipFile(fileobj=dst_raw, mode="wb", compresslevel=level, mtime=0) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        _fsync_replace(tmp, path)
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+    with atomic_file(path, "w", encoding="utf-8", newline="") as fh:
         fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def metadata_row(case, rng: np.random.Generator) -> dict:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ctvl.atomic import atomic_file
 from ctvl.errors import CTVLCancelled, CTVLInputError
 from ctvl.geometry import Volume
 from ctvl.inference import CancelLike, cancel_fn, check_text, encode
@@ -24,20 +23,10 @@ TOP_FINDINGS_IN_OVERVIEW = 4
 
 
 def write_json_atomic(data: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
+    return Path(path)
 
 
 def model_identity(model: Any) -> dict[str, str]:

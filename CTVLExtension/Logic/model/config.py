@@ -68,6 +68,10 @@ class ModelConfig:
     # prompts): frozen-MiniLM prompt pairs differ mostly by one shared negation direction, so without them the 18
     # labels' logits move together and the disease objective does not learn (measured; see the README)
     label_adapters: bool = False
+    # CT densitometry (ctvl.model.densitometry): HU bands (interior edges, HU; empty = off) whose per-token,
+    # per-depth-bin and per-region fractions are projected into the tokens, bins and pooled embedding
+    density_edges_hu: tuple[float, ...] = ()
+    density_regions: tuple[int, int, int] = (3, 2, 2)  # (superior-inferior, anterior-posterior, right-left) regions
     # joint space
     shared_dim: int = 128
     proj_hidden: int = 256
@@ -152,6 +156,12 @@ class ModelConfig:
                 bad(f"dense_stage {self.dense_stage} must name a stem stage before the last")
             if self.dense_dim < 1:
                 bad("dense_dim must be >= 1")
+        if self.density_edges_hu:
+            edges = list(self.density_edges_hu)
+            if any(b <= a for a, b in zip(edges, edges[1:])):
+                bad(f"density_edges_hu must increase: {edges}")
+            if len(self.density_regions) != 3 or min(self.density_regions) < 1:
+                bad("density_regions must be 3 positive counts")
         if self.mil_r <= 0:
             bad(f"mil_r {self.mil_r} must be > 0")
         if self.embed_dim % self.num_heads:
@@ -237,9 +247,14 @@ def tiny_config(encoder: str = "hybrid") -> ModelConfig:
     )
 
 
+# HU band edges of the demo model: fine in the lung range (emphysema < -950, ground glass -700..-300), around
+# water/soft tissue (fluid 0-20, nodes 30-60) and calcium/metal (> 200)
+DEMO_DENSITY_EDGES = (-980.0, -950.0, -900.0, -850.0, -800.0, -700.0, -600.0, -500.0, -350.0, -200.0, -100.0, -50.0,
+                      -20.0, 0.0, 20.0, 40.0, 60.0, 100.0, 200.0, 400.0)
+
 PRESETS = {
     "demo-hybrid": lambda: ModelConfig(name="ctvl-demo", encoder="hybrid", dense_head=True, mil_disease=True,
-                                       pooling="cnn", label_adapters=True),
+                                       pooling="cnn", label_adapters=True, density_edges_hu=DEMO_DENSITY_EDGES),
     "demo-vit": lambda: ModelConfig(name="ctvl-demo-vit", encoder="vit", patch_size=(4, 8, 8), mil_disease=True,
                                     pooling="max+attention", label_adapters=True),
     "tiny-hybrid": lambda: tiny_config("hybrid"),

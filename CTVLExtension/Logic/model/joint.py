@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from ctvl.model.config import ModelConfig
+from ctvl.model.densitometry import DensityBands, bin_fractions, log_fractions, regional_fractions
 from ctvl.model.text import TextTower, chunk_text, split_sentences
 from ctvl.model.vision import DenseHead, VisionEncoder, _init_weights
 from ctvl.prompts import LABELS, disease_prompts, prompt_table
@@ -196,6 +197,13 @@ class CTVLModel(nn.Module):
             self.dense.apply(_init_weights)
             self.dense_token = nn.Linear(config.dense_dim, e)  # dense features -> shared space (added to tokens)
             self.dense_bin = nn.Linear(config.dense_dim, c)  # in-plane mean of dense features -> bin features
+        self.density: DensityBands | None = None
+        if config.density_edges_hu:  # CT densitometry features -> tokens, depth bins and the pooled embedding
+            self.density = DensityBands(config.density_edges_hu, config.hu_window)
+            k = self.density.n_bands
+            self.density_token = mlp_head(k, config.proj_hidden // 2, e)
+            self.density_bin = nn.Linear(4 * k, c)
+            self.density_pooled = mlp_head(k * math.prod(config.density_regions), config.proj_hidden, e)
         self.label_adapters = nn.Parameter(torch.zeros(len(LABELS), 2, e)) if config.label_adapters else None
         self.pool = AttentionPool(c, config.num_heads) if config.pooling in ("attention", "max+attention") else None
         # "max+attention": pooled = W [max_x tok(x); attention-pooled] (the max carries focal findings)
@@ -251,12 +259,18 @@ class CTVLModel(nn.Module):
         flat = feats.reshape(b, d * h * w, c)
         tokens = self.token_head(flat)  # [B,N,E]
         if self.dense is None:
+            dens = self._densitometry(x, (d, h, w))
+            if dens is not None:
+                tokens = tokens + dens[0].reshape(b, d * h * w, -1)
             pooled = self.pool(flat, tokens) if self.pool is not None else tokens.mean(1)
             if self.cnn_branch is not None:
                 pooled = self._global_branch(tokens, stem)
             elif self.pool_mix is not None:
                 pooled = self.pool_mix(torch.cat([self._global_branch(tokens, stem), pooled], dim=-1))
-            bins = self.bin_head(self.bin_combiner(feats.mean(dim=(2, 3))))  # [B,d,E]
+            bin_feats = feats.mean(dim=(2, 3))
+            if dens is not None:
+                pooled, bin_feats = pooled + dens[2], bin_feats + dens[1]
+            bins = self.bin_head(self.bin_combiner(bin_feats))  # [B,d,E]
             return ImageEmbeddings(tokens.reshape(b, d, h, w, -1), F.normalize(pooled, dim=-1),
                                    F.normalize(bins, dim=-1))
         mixed = self.dense(feats, skip).contiguous(memory_format=torch.channels_last_3d)  # [B,Cd,D',H',W']
@@ -265,6 +279,9 @@ class CTVLModel(nn.Module):
         up = F.interpolate(tokens.reshape(b, d, h, w, -1).permute(0, 4, 1, 2, 3), size=fine, mode="trilinear",
                            align_corners=False)
         dense = up.permute(0, 2, 3, 4, 1) + self.dense_token(mixed.permute(0, 2, 3, 4, 1))  # [B,D',H',W',E]
+        dens = self._densitometry(x, fine)
+        if dens is not None:
+            dense = dense + dens[0]
         dflat = dense.reshape(b, -1, dense.shape[-1])
         if self.cnn_branch is not None:  # the CNN branch alone: attention-pooling dense tokens anchored it (measured)
             pooled = self._global_branch(dflat, stem)
@@ -278,8 +295,25 @@ class CTVLModel(nn.Module):
             pooled = self.pool_mix(torch.cat([self._global_branch(dflat, stem), pooled], dim=-1))
         coarse = F.interpolate(feats.mean(dim=(2, 3)).transpose(1, 2), size=fine[0], mode="linear",
                                align_corners=False).transpose(1, 2)  # = in-plane mean of the upsampled features
-        bins = self.bin_head(self.bin_combiner(coarse + self.dense_bin(mixed.mean(dim=(3, 4)).transpose(1, 2))))
+        bin_feats = coarse + self.dense_bin(mixed.mean(dim=(3, 4)).transpose(1, 2))
+        if dens is not None:
+            pooled, bin_feats = pooled + dens[2], bin_feats + dens[1]
+        bins = self.bin_head(self.bin_combiner(bin_feats))
         return ImageEmbeddings(dense, F.normalize(pooled, dim=-1), F.normalize(bins, dim=-1))
+
+    def _densitometry(self, x: Tensor, grid: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor] | None:
+        """HU-band fractions on the token grid -> (token embeddings [B,d,h,w,E], bin features [B,d,C], pooled
+        embedding [B,E]), or None without `config.density_edges_hu`."""
+        if self.density is None:
+            return None
+        frac = self.density.pool(x, self.config.downsample())  # [B,K,d,h,w]
+        if tuple(frac.shape[2:]) != tuple(grid):
+            frac = F.adaptive_avg_pool3d(frac, tuple(grid))
+        frac = frac.to(self.logit_scale.dtype)
+        tok = self.density_token(log_fractions(frac).permute(0, 2, 3, 4, 1))
+        bins = self.density_bin(log_fractions(bin_fractions(frac)))
+        pooled = self.density_pooled(log_fractions(regional_fractions(frac, self.config.density_regions)))
+        return tok, bins, pooled
 
     def _global_branch(self, tokens: Tensor, stem: Tensor | None) -> Tensor:
         """[B,E]: the CNN branch (global max and mean of one more conv stage on the stem) or the token-wise max."""
