@@ -1,11 +1,11 @@
 """Ablation of the training objectives at an equal, reduced budget (which objective buys what).
 
-    python -m benchmarks.ablation [--steps 80] [--data data/phantom]
+    python -m benchmarks.ablation [--steps 160] [--data data/phantom]
 
 Trains phantom-demo three times with the same seed, data and step budget — SigLIP only; + disease prompts
 (pooled and token-level MIL); + snippet-slice localization (the full recipe) — then evaluates each on the held-out
-split exactly as benchmarks/quality.py does. Costs about 3 x (steps x 8 s) on 2 CPU cores. Prints a table and
-writes benchmarks/results/ablation.json.
+split exactly as benchmarks/quality.py does. Costs about 3 x (steps x 5 s + 3 min) on 2 CPU cores (160 steps:
+about 50 min; the embedded model's full recipe ran 540). Prints a table and writes benchmarks/results/ablation.json.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _run(cmd: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=160)
     ap.add_argument("--data", default="data/phantom")
     ap.add_argument("--split", default="test")
     ap.add_argument("--val-split", default="valid")

@@ -1,5 +1,9 @@
 """The joint CT vision-language model: image tokens / pooled / depth-bin embeddings and text in one space.
 
+With `config.density_edges_hu` the image side also gets CT densitometry (`ctvl.model.densitometry`): HU-band
+fractions per token, per depth bin (in-plane quadrants) and per body region, each projected by a learned head and
+added to the tokens, the bin features and the pooled embedding before normalisation.
+
 Scores (all from cosine similarities of L2-normalised embeddings):
 - SigLIP image-report logits: t * cos + b, t = exp(logit_scale) (init 10), b = logit_bias (init -10).
 - Disease probability (zero-shot, used identically in training and inference), CT-CLIP style: a two-way softmax
