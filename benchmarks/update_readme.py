@@ -63,6 +63,18 @@ def ablation_section(a: dict) -> list[str]:
     for name, r in a["headline"].items():
         out.append(f"| {name} | {_f(r.get('auroc'))} | {_f(r.get('R@10'))} | {_f(r.get('loc_median_mm'), 1)} | "
                    f"{_f(r.get('loc_within_pct'), 1)} | {_f(r.get('pointing_game'))} |")
+    h = a["headline"]
+    steps = [("siglip", "siglip+disease", "adding the disease prompts (pooled + MIL)"),
+             ("siglip+disease", "siglip+disease+loc", "adding snippet–slice localization")]
+    said = []
+    for before, after, what in steps:
+        if before in h and after in h:
+            b, c = h[before], h[after]
+            said.append(f"{what} moves AUROC {b['auroc']:.3f} → {c['auroc']:.3f}, R@10 {b['R@10']:.2f} → "
+                        f"{c['R@10']:.2f}, localization {b['loc_median_mm']:.1f} → {c['loc_median_mm']:.1f} mm and "
+                        f"the pointing game {b['pointing_game']:.3f} → {c['pointing_game']:.3f}")
+    if said:
+        out += ["", "At this budget " + "; ".join(said) + "."]
     return out
 
 
