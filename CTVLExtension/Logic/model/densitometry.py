@@ -53,16 +53,16 @@ class DensityBands:
         pd, ph, pw = (int(p) for p in token_size)
         d, h, w = x.shape[2] // pd, x.shape[3] // ph, x.shape[4] // pw
         k = self.n_bands
-        band = self.band_index(x[:, 0, : d * pd, : h * ph, : w * pw])  # [B,D,H,W]
-        dev = band.device
+        dev = x.device
         tz = torch.arange(d * pd, device=dev) // pd
         ty = torch.arange(h * ph, device=dev) // ph
         tx = torch.arange(w * pw, device=dev) // pw
-        token = (tz[:, None, None] * h + ty[None, :, None]) * w + tx[None, None, :]  # [D,H,W]
-        sample = torch.arange(b, device=dev)[:, None, None, None] * (d * h * w)
-        idx = (sample + token[None]) * k + band
-        counts = torch.bincount(idx.reshape(-1), minlength=b * d * h * w * k)
-        frac = counts.reshape(b, d, h, w, k).permute(0, 4, 1, 2, 3).float() / float(pd * ph * pw)
+        token = ((tz[:, None, None] * h + ty[None, :, None]) * w + tx[None, None, :]) * k  # [D,H,W]
+        counts = []
+        for i in range(b):  # one sample at a time: the int64 index maps of a full-size batch are GBs
+            band = self.band_index(x[i, 0, : d * pd, : h * ph, : w * pw])
+            counts.append(torch.bincount((token + band).reshape(-1), minlength=d * h * w * k))
+        frac = torch.stack(counts).reshape(b, d, h, w, k).permute(0, 4, 1, 2, 3).float() / float(pd * ph * pw)
         return frac
 
 
