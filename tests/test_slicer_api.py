@@ -199,6 +199,8 @@ def test_extension_build_files_name_existing_files():
                 "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS", "find_package(Slicer",
                 "add_subdirectory(CTVLExtension)", "Slicer_EXTENSION_CPACK"):
         assert key in top
+    for url in re.findall(r"https://raw\.githubusercontent\.com/[^/\s]+/[^/\s]+/[^/\s]+/([^\s\"]+)", top):
+        assert (ROOT / url).is_file(), f"EXTENSION icon/screenshot URL names a file the repository lacks: {url}"
     module_cmake = (ROOT / "CTVLExtension" / "CMakeLists.txt").read_text(encoding="utf-8")
     for resource in re.findall(r"Resources/[\w/.]+", module_cmake):
         assert (ROOT / "CTVLExtension" / resource).exists(), resource
