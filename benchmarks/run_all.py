@@ -1,5 +1,5 @@
 """`make bench`: run every benchmark (each prints its figures and writes benchmarks/results/*.json), then
-regenerate README.md's results section. The ablation trains three models (~35 min on 2 cores): `--with-ablation`."""
+regenerate README.md's results section. The ablation trains three models (~40 min on 2 cores): `--with-ablation`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 SCRIPTS = ["benchmarks/phantom_speed.py", "benchmarks/miner_quality.py", "benchmarks/mining_agreement.py",
            "benchmarks/model_speed.py", "benchmarks/inference_speed.py"]
-MODULES = ["benchmarks.quality"]
+MODULES = ["benchmarks.quality", "benchmarks.density_probe"]
 
 
 def main() -> int:

@@ -3,7 +3,7 @@
 CT numbers are quantitative: emphysema is scored as the share of lung below -950 HU (LAA-950), calcium above
 130 HU, fluid near 0-20 HU. A CNN learns such intensity statistics slowly from a single wide-window channel (on
 the phantom corpus a 4-stage 3D CNN stayed at chance for 300 steps while a linear model on regional HU
-histograms reached a validation AUROC of 0.79), so the model gets them directly:
+histograms reached a validation AUROC of 0.79; `python -m benchmarks.density_probe`), so the model gets them:
 
 - `DensityBands.pool(x, token_size)`: the share of each token's voxels in each of K HU bands [B,K,d,h,w], a
   fixed function of the input (no parameters, no gradient);
