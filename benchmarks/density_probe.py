@@ -43,10 +43,9 @@ def _arrays(ds) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _aurocs(y: np.ndarray, scores: np.ndarray) -> list[float]:
-    from sklearn.metrics import roc_auc_score
+    from training.metrics import auroc  # the evaluation's own AUROC (NaN when a label has one class)
 
-    return [float(roc_auc_score(y[:, k], scores[:, k])) if 0 < y[:, k].sum() < len(y) else float("nan")
-            for k in range(y.shape[1])]
+    return [auroc(y[:, k], scores[:, k]) for k in range(y.shape[1])]
 
 
 def regional_density_features(x: np.ndarray, mc) -> np.ndarray:

@@ -266,11 +266,12 @@ class CTVLModel(nn.Module):
             dens = self._densitometry(x, (d, h, w))
             if dens is not None:
                 tokens = tokens + dens[0].reshape(b, d * h * w, -1)
-            pooled = self.pool(flat, tokens) if self.pool is not None else tokens.mean(1)
             if self.cnn_branch is not None:
                 pooled = self._global_branch(tokens, stem)
-            elif self.pool_mix is not None:
-                pooled = self.pool_mix(torch.cat([self._global_branch(tokens, stem), pooled], dim=-1))
+            else:
+                pooled = self.pool(flat, tokens) if self.pool is not None else tokens.mean(1)
+                if self.pool_mix is not None:
+                    pooled = self.pool_mix(torch.cat([self._global_branch(tokens, stem), pooled], dim=-1))
             bin_feats = feats.mean(dim=(2, 3))
             if dens is not None:
                 pooled, bin_feats = pooled + dens[2], bin_feats + dens[1]

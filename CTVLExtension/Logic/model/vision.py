@@ -88,17 +88,23 @@ class ConvStem(nn.Module):
         layers.append(nn.Conv3d(cin, embed_dim, kernel_size=1))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor, return_stage: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        """x -> [B, embed_dim, d, h, w]; with `return_stage` k also the output of conv stage k (after GELU)."""
-        if return_stage is None:
-            return self.net(x)
+    def stages(self, x: Tensor, return_stage: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """The conv stages without the 1x1x1 projection -> (last stage [B, C_last, d, h, w], output of stage
+        `return_stage` after its GELU, or None)."""
         skip = None
-        last = 3 * return_stage + 2  # conv, norm, GELU per stage
-        for i, layer in enumerate(self.net):
+        last = -1 if return_stage is None else 3 * return_stage + 2  # conv, norm, GELU per stage
+        for i, layer in enumerate(self.net[:-1]):
             x = layer(x)
             if i == last:
                 skip = x
         return x, skip
+
+    def forward(self, x: Tensor, return_stage: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """x -> [B, embed_dim, d, h, w]; with `return_stage` k also the output of conv stage k (after GELU)."""
+        if return_stage is None:
+            return self.net(x)
+        stem, skip = self.stages(x, return_stage)
+        return self.net[-1](stem), skip
 
 
 class DenseHead(nn.Module):
@@ -175,17 +181,9 @@ class VisionEncoder(nn.Module):
         1x1 projection) — the CNN features feed the pooled embedding's CNN branch."""
         if self.config.encoder != "hybrid":
             raise ValueError("forward_features needs the hybrid encoder")
-        net = self.tokenizer.net
-        want = 3 * self.config.dense_stage_index() + 2 if self.config.uses_dense_head() else -1
-        skip = None
-        f = x
-        for i, layer in enumerate(net[:-1]):
-            f = layer(f)
-            if i == want:
-                skip = f
-        stem = f
-        f = net[-1](stem)
-        return self._transform(f), skip, stem
+        stage = self.config.dense_stage_index() if self.config.uses_dense_head() else None
+        stem, skip = self.tokenizer.stages(x, stage)
+        return self._transform(self.tokenizer.net[-1](stem)), skip, stem
 
     def _transform(self, f: Tensor) -> Tensor:
         b, c, d, h, w = f.shape

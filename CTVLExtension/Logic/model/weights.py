@@ -29,10 +29,6 @@ TRAIN_HINT = ("train and export it: `python -m training train --config training/
               "`python -m training export --out CTVLExtension/Logic/weights/demo`")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    atomic_write_bytes(path, data)
-
-
 def resolve_weights_dir(path_or_name: str | os.PathLike) -> Path:
     """'demo' (or any bundled name) -> ctvl/weights/<name>/; otherwise the given folder."""
     text = str(path_or_name)
@@ -52,12 +48,12 @@ def save_weights(model: CTVLModel, out_dir: str | os.PathLike, prompts: dict[str
     state = model.state_dict()
     tensors = {k: state[k].detach().to("cpu").contiguous() for k in model.saved_state_keys()}
     meta = {"format": "ctvl", "name": model.config.name, "version": model.config.version}
-    _atomic_write(out / WEIGHTS_FILE, save(tensors, metadata=meta))
-    _atomic_write(out / CONFIG_FILE, model.config.to_json().encode("utf-8"))
+    atomic_write_bytes(out / WEIGHTS_FILE, save(tensors, metadata=meta))
+    atomic_write_bytes(out / CONFIG_FILE, model.config.to_json().encode("utf-8"))
     prompts = prompts if prompts is not None else model.prompts
-    _atomic_write(out / PROMPTS_FILE, (json.dumps(prompts, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(out / PROMPTS_FILE, (json.dumps(prompts, indent=2) + "\n").encode("utf-8"))
     if card is not None:
-        _atomic_write(out / CARD_FILE, card.encode("utf-8"))
+        atomic_write_bytes(out / CARD_FILE, card.encode("utf-8"))
     log.info("saved %d tensors (%.1f MB) to %s", len(tensors),
               sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6, out)
     return out
