@@ -102,6 +102,23 @@ def speed_section(s: dict) -> list[str]:
     return out
 
 
+def gpu_section(g: dict) -> list[str]:
+    out = [f"Training on a lent GPU (`benchmarks/device_check.sh`, summarised by `benchmarks/device_summary.py`). "
+           f"{g.get('note', '')}", "",
+           "| run | s/step | peak GPU memory |", "|---|---|---|"]
+    for r in g.get("compute_only", []):
+        ck = "with" if r["grad_checkpointing"] else "without"
+        out.append(f"| model compute, `{Path(r['config']).name}`, batch {r['batch']}, {ck} checkpointing | "
+                   f"{_f(r['s_per_step_median'], 2, ' s')} | {_f(r.get('gpu_peak_gib'), 1, ' GiB')} |")
+    for r in g.get("end_to_end", []):
+        out.append(f"| `training train`: {r['run']} | {_f(r['s_per_step_median'], 2, ' s')} | "
+                   f"{_f(r['gpu_peak_gib'], 1, ' GiB')} |")
+    if g.get("cuda_inference"):
+        out += ["", "Export → `ctvl analyze --device cuda` → `training evaluate --device cuda`: "
+                f"{g['cuda_inference']}."]
+    return out
+
+
 def data_section(p: dict | None, mq: dict | None, ma: dict | None, dp: dict | None = None) -> list[str]:
     out = []
     if p:
@@ -142,6 +159,9 @@ def render() -> str:
         parts += ["### Which objective buys what", ""] + ablation_section(a) + [""]
     if s:
         parts += ["### Speed", ""] + speed_section(s) + [""]
+    g = _load("device_check")
+    if g:
+        parts += ["### Training on a GPU", ""] + gpu_section(g) + [""]
     parts += ["### Data and mining", ""] + data_section(_load("phantom_speed"), _load("miner_quality"),
                                                         _load("mining_agreement"), _load("density_probe"))
     return "\n".join(parts).rstrip() + "\n"

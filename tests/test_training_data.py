@@ -57,7 +57,8 @@ def test_items_cache_and_snippets(data):
     st = ds.snippet_stats
     assert st["mined"] == 3 and st["kept"] + st["outside_grid"] + st["unmappable"] == st["mined"]
     item = ds[0]
-    assert item["image"].shape == (1, 16, 32, 32) and item["image"].dtype == torch.float32
+    assert item["image"].shape == (1, 16, 32, 32) and item["image"].dtype == torch.float16  # cast on the device
+    assert not item["augment"].any()  # no augmentation configured: identity parameters
     assert float(item["image"].min()) >= 0.0 and float(item["image"].max()) <= 1.0
     assert item["labels"].shape == (18,)
     files = sorted(ds.cache_dir.glob("*.npy"))
@@ -78,18 +79,22 @@ def test_items_cache_and_snippets(data):
 
 
 def test_augmentation_is_deterministic_and_keeps_sides(data):
+    from training import augment
     from training.config import AugmentConfig
 
     ds = _ds(data, augment=AugmentConfig(prob=1.0, translate_vox=0.0), seed=3)
-    a, b = ds[1]["image"], ds[1]["image"]
-    assert torch.equal(a, b)
+    pa, pb = ds[1]["augment"], ds[1]["augment"]
+    assert torch.equal(pa, pb) and pa[0] != 0 and pa[2] > 0 and pa[4] == pa[5] == 0
     ds.set_epoch(1)
-    assert not torch.equal(ds[1]["image"], a)
-    plain = _ds(data)[1]["image"]
+    assert not torch.equal(ds[1]["augment"], pa)
+    assert torch.equal(ds[1]["image"], _ds(data)[1]["image"])  # the loader hands out the cached volume
+    plain = ds[1]["image"][None]
+    a = augment.apply(plain, pa[None])
+    assert torch.equal(a, augment.apply(plain, pa[None]))
     # intensity/noise only: correlation with the un-augmented volume stays high (no flip)
-    assert np.corrcoef(a.numpy().ravel(), plain.numpy().ravel())[0, 1] > 0.9
-    assert np.corrcoef(torch.flip(a, [-1]).numpy().ravel(), plain.numpy().ravel())[0, 1] < \
-        np.corrcoef(a.numpy().ravel(), plain.numpy().ravel())[0, 1]
+    p = plain.float().numpy().ravel()
+    assert np.corrcoef(a.numpy().ravel(), p)[0, 1] > 0.9
+    assert np.corrcoef(torch.flip(a, [-1]).numpy().ravel(), p)[0, 1] < np.corrcoef(a.numpy().ravel(), p)[0, 1]
 
 
 def test_corrupt_and_missing_volumes_are_skipped(data, caplog):

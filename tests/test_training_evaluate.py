@@ -64,3 +64,15 @@ def test_cli_evaluate_and_export(setup, tmp_path, capsys):
     rep = json.loads(out.read_text())
     assert rep["heatmaps"] == {"n_findings": 0}
     assert "MEAN" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cli_evaluate_refuses_cuda_without_a_gpu_in_one_line(setup, tmp_path, capsys):
+    from training.__main__ import main
+
+    root, weights = setup
+    out = tmp_path / "report.json"
+    assert main(["evaluate", "--weights", str(weights), "--data", str(root), "--device", "cuda",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA is not available" in err[0] and not out.exists()

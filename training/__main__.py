@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pool-size", type=int, default=100)
     e.add_argument("--max-volumes", type=int)
     e.add_argument("--threshold-rule", choices=["youden", "f1"], default="youden")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run the model")
     e.add_argument("--cache-dir")
     e.add_argument("--workers", type=int, default=1)
     e.add_argument("--no-heatmaps", action="store_true")

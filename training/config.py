@@ -17,14 +17,15 @@ from ctvl.errors import CTVLInputError
 
 @dataclass
 class AugmentConfig:
-    """Training-time augmentation (MONAI). No left-right flips: reports name sides."""
+    """Training-time augmentation (`training.augment`, applied to the batch on the device). No left-right flips:
+    reports name sides."""
 
     enabled: bool = True
-    prob: float = 0.5
-    intensity_scale: float = 0.1  # RandScaleIntensity factors (+-)
-    intensity_shift: float = 0.05  # RandShiftIntensity offsets (+-, on the [0, 1] windowed scale)
-    noise_std: float = 0.02  # RandGaussianNoise std
-    translate_vox: float = 3.0  # RandAffine translate range (+- model voxels per axis)
+    prob: float = 0.5  # each augmentation is on with this probability, independently
+    intensity_scale: float = 0.1  # x * (1 + f), f ~ U(-0.1, 0.1)
+    intensity_shift: float = 0.05  # x + o, o ~ U(-0.05, 0.05) on the [0, 1] windowed scale
+    noise_std: float = 0.02  # Gaussian noise, std ~ U(0, 0.02)
+    translate_vox: float = 3.0  # in-plane shift by whole voxels, up to +- this many per axis
 
 
 @dataclass

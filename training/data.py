@@ -6,6 +6,8 @@ Layout: ``<split>/<patient>/<scan>/<VolumeName>.nii.gz``, ``radiology_text_repor
 Preprocessing is ``ctvl.geometry.to_model_space`` (the one shared with inference) after the CT-RATE fixes
 (`load_ctrate_volume`). Preprocessed volumes are cached as float16 ``.npy`` keyed by file path + size + mtime +
 preprocessing hash, with a ``.json`` sidecar holding the geometry needed to map report images to model depth.
+Items carry the float16 image and, when augmenting, per-volume parameters (`training.augment`) that the engine
+applies on the training device.
 
 Snippet pairs: report -> ``ctvl.snippets.mine_references`` -> image -> slice (file order) -> RAS z -> fractional
 model depth index -> fractional depth bin. Verified annotations (``data.annotations``) override mined slices
@@ -28,6 +30,8 @@ import numpy as np
 import torch
 from ctvl.errors import CTVLInputError
 from ctvl.prompts import LABELS
+
+from training.augment import IDENTITY, sample_params
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +255,6 @@ class CTRateDataset(torch.utils.data.Dataset):
         self.max_snippets = int(max_snippets)
         self.bad: set[str] = set()
         self.snippet_stats: dict[str, int] = {}
-        self._transform = None
         self.records = self._read_tables(report_fields, max_volumes)
 
     # -- tables
@@ -392,11 +395,6 @@ class CTRateDataset(torch.utils.data.Dataset):
         return (depth + 0.5) / self.bin_depth - 0.5
 
     # -- items
-    def _get_transform(self):
-        if self._transform is None and self.augment_cfg is not None and self.augment_cfg.enabled:
-            self._transform = build_augment(self.augment_cfg)
-        return self._transform
-
     def load_array(self, index: int) -> np.ndarray | None:
         r = self.records[index]
         if r.name in self.bad:
@@ -421,18 +419,18 @@ class CTRateDataset(torch.utils.data.Dataset):
         if arr is None:
             return None
         r = self.records[index]
-        image = torch.from_numpy(arr.astype(np.float32))[None]
+        image = torch.from_numpy(np.asarray(arr, dtype=np.float16))[None]  # float16: half the IPC bytes
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        transform = self._get_transform()
-        if transform is not None:
-            transform.set_random_state(seed=int(rng.integers(2**31 - 1)))
-            image = torch.as_tensor(transform(image)).float()
+        aug = IDENTITY
+        if self.augment_cfg is not None and self.augment_cfg.enabled:
+            aug = sample_params(self.augment_cfg, rng)  # applied on the device (training.augment.apply)
         snippets = list(r.snippets)
         if len(snippets) > self.max_snippets:
             keep = rng.choice(len(snippets), self.max_snippets, replace=False)
             snippets = [snippets[i] for i in sorted(keep)]
         return {
             "image": image,
+            "augment": torch.from_numpy(aug.copy()),
             "text": r.text,
             "labels": torch.from_numpy(r.labels.copy()),
             "snippets": [s[0] for s in snippets],
@@ -449,24 +447,6 @@ def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in name.split(".")[0].replace("-", "_").split("_")]
 
 
-def build_augment(cfg: Any):
-    """MONAI intensity scale/shift, Gaussian noise and a small in-plane translation (no flips).
-
-    Translation is in-plane only (H, W) so snippet depth targets stay exact.
-    """
-    from monai.transforms import Compose, RandAffine, RandGaussianNoise, RandScaleIntensity, RandShiftIntensity
-
-    t = float(cfg.translate_vox)
-    return Compose(
-        [
-            RandScaleIntensity(factors=cfg.intensity_scale, prob=cfg.prob),
-            RandShiftIntensity(offsets=cfg.intensity_shift, prob=cfg.prob),
-            RandGaussianNoise(prob=cfg.prob, std=cfg.noise_std),
-            RandAffine(prob=cfg.prob, translate_range=(0.0, t, t), padding_mode="border", mode="bilinear"),
-        ]
-    )
-
-
 def collate(items: list[dict | None]) -> dict | None:
     """Stack a batch, dropping ``None`` (unreadable volumes); ``None`` if nothing is left."""
     items = [it for it in items if it is not None]
@@ -479,6 +459,7 @@ def collate(items: list[dict | None]) -> dict | None:
         owner += [b] * len(it["snippets"])
     return {
         "image": torch.stack([it["image"] for it in items]),
+        "augment": torch.stack([it["augment"] for it in items]),
         "text": [it["text"] for it in items],
         "labels": torch.stack([it["labels"] for it in items]),
         "bin_valid": torch.stack([it["bin_valid"] for it in items]),

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from training import augment
 from training.config import Config, save_config
 from training.utils import atomic_torch_save, atomic_write_bytes, dist_info
 
@@ -416,7 +417,9 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
                     continue
                 batch = last_batch  # keep DDP ranks in step
             last_batch = batch
+            params = batch.get("augment")  # CPU copy: apply reads the scalars without a device sync
             batch = _to_device(batch, device)
+            batch["image"] = augment.apply(batch["image"], params)  # float32, augmented on the device
             accum += 1
             sync = accum == tc.grad_accum
             ctx = ddp.no_sync() if (ddp is not None and not sync) else nullcontext()
@@ -444,6 +447,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
                 dt = (time.perf_counter() - t0) / max(1, n_sum / tc.grad_accum)
                 row = {k: v / n_sum for k, v in sums.items()}
                 row.update(lr=scheduler.get_last_lr()[0], epoch=epoch, s_per_step=dt)
+                if device.type == "cuda":  # peak since the start of the run, this process
+                    row["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 runlog.write(step, row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", s_step=f"{dt:.2f}")
                 sums, n_sum, t0 = {}, 0, time.perf_counter()

@@ -46,7 +46,7 @@ class ModelPredictor:
     @torch.no_grad()
     def __call__(self, batch: dict, heat_labels: list[list[int]]) -> dict:
         m = self.model
-        emb = m.encode_image(batch["image"].to(self.device))
+        emb = m.encode_image(batch["image"].to(self.device, torch.float32))
         valid = batch["bin_valid"].to(self.device)
         logits = m.final_disease_logits(emb.pooled, self.pos, self.neg, tokens=emb.tokens, mask=valid)
         probs = torch.sigmoid(logits).float().cpu().numpy()
@@ -210,7 +210,7 @@ def pick_thresholds(probs: np.ndarray, labels: np.ndarray, rule: str) -> np.ndar
 def evaluate(
     weights: str | None, data: str | Path, split: str = "valid", val_split: str | None = None,
     baseline: str | None = None, batch_size: int = 4, pool_size: int = 100, max_volumes: int | None = None,
-    threshold_rule: str = "youden", device: str = "cpu", cache_dir: str | None = None, workers: int = 1,
+    threshold_rule: str = "youden", device: str = "auto", cache_dir: str | None = None, workers: int = 1,
     heatmaps: bool = True, seed: int = 0,
 ) -> dict:
     """Run the protocol on ``data/split``; returns the report dict (see module docstring)."""
@@ -222,6 +222,9 @@ def evaluate(
     model = None
     if weights:
         from ctvl.model import load_weights
+        from ctvl.runtime import resolve_device
+
+        run_on = resolve_device(device)  # a missing GPU fails here, before any data work
 
         model = load_weights(weights, device="cpu")
         mc = model.config
@@ -239,7 +242,7 @@ def evaluate(
         prev = np.nanmean(np.stack([r.labels for r in (val_ds or ds).records]), axis=0)
         predictor = BaselinePredictor(baseline, tuple(mc.token_grid()), bsize[0], prev, seed)
     else:
-        predictor = ModelPredictor(model, torch.device(device))
+        predictor = ModelPredictor(model, run_on)
 
     gt = load_ground_truth(root, split)
     probs, labels, img_emb, rep_emb = [], [], [], []
