@@ -81,9 +81,12 @@ def token_disease_logits(tokens: Tensor, pos_emb: Tensor, neg_emb: Tensor, log_s
     """Per-token logits t*(cos(tok,pos) - cos(tok,neg)) + bias: tokens [B,...,E] (any norm) -> [B,L,...]."""
     b, e = tokens.shape[0], tokens.shape[-1]
     spatial = tokens.shape[1:-1]
-    t = F.normalize(tokens.reshape(b, -1, e), dim=-1)
+    t = tokens.reshape(b, -1, e)
+    # cos = (t . d) / |t|: divide the small [B,L,N] product, not the [B,N,E] tokens (F.normalize on ~10^4 tokens
+    # per volume cost ~15% of a CPU training step, mostly in its backward)
+    norm = torch.linalg.vector_norm(t, dim=-1).clamp_min(1e-12)  # F.normalize's eps
     scale = log_scale.exp() if isinstance(log_scale, Tensor) else math.exp(log_scale)
-    z = scale * torch.einsum("bne,le->bln", t, pos_emb - neg_emb)
+    z = scale * torch.einsum("bne,le->bln", t, pos_emb - neg_emb) / norm[:, None, :]
     if bias is not None:
         z = z + bias[None, :, None]
     return z.reshape(b, -1, *spatial)
