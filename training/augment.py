@@ -6,7 +6,7 @@ intensity scale, intensity shift, Gaussian noise and an in-plane translation by 
 repeated). No left-right flips (reports name sides) and no depth shift (snippet depth targets stay exact).
 
 Why not per-sample MONAI transforms in the loader: on the ct-rate grid (128 x 320 x 320) they cost 0.2-1.5 s per
-volume on one CPU thread, and one H100 then waited on its 8 loader workers (measured 3.6-4.4 s/step against
+volume on one CPU thread, and one H100 then waited on its 8 loader workers (measured 3.5-4.3 s/step against
 0.63 s/step of model compute; `benchmarks/device_check.sh`, `benchmarks/train_step_speed.py`). Here the loader only
 reads the cached float16 array; the arithmetic runs where the model runs.
 """

@@ -232,13 +232,11 @@ class VolumeEncoding:
 
         All prompts go through the text LRU in one batch, so the first call costs one text-encoder pass.
         """
+        from ctvl.model.joint import group_means
+
         groups = [g for lbl in labels for g in self._prompts(lbl)]
         emb = self.text_cache.get_many([t for g in groups for t in g])
-        means, i = [], 0
-        for g in groups:
-            means.append(torch.nn.functional.normalize(emb[i:i + len(g)].mean(0), dim=-1))
-            i += len(g)
-        stacked = torch.stack(means).reshape(len(labels), 2, -1)
+        stacked = group_means(emb, [len(g) for g in groups]).reshape(len(labels), 2, -1)
         if hasattr(self.model, "adapt_prompt_embeddings"):  # learned per-label residuals, as in training
             with self._lock, torch.no_grad():
                 return self.model.adapt_prompt_embeddings(labels, stacked[:, 0], stacked[:, 1])

@@ -66,6 +66,15 @@ def mlp_head(din: int, hidden: int, dout: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(din), nn.Linear(din, hidden), nn.GELU(), nn.Linear(hidden, dout))
 
 
+def group_means(emb: Tensor, sizes: list[int]) -> Tensor:
+    """Renormalised mean of consecutive row groups: emb [sum(sizes), E] -> [len(sizes), E] (prompt templates)."""
+    means, i = [], 0
+    for n in sizes:
+        means.append(F.normalize(emb[i:i + n].mean(0), dim=-1))
+        i += n
+    return torch.stack(means)
+
+
 def disease_logits(pooled: Tensor, pos_emb: Tensor, neg_emb: Tensor, log_scale: Tensor | float,
                    bias: Tensor | None = None) -> Tensor:
     """[B,L] logits t*(cos(pooled,pos) - cos(pooled,neg)) + bias; inputs are L2-normalised [B,E], [L,E], [L,E]."""
@@ -378,13 +387,8 @@ class CTVLModel(nn.Module):
             entry = self.prompts.get(label)
             pos, neg = (entry["positive"], entry["negative"]) if entry else disease_prompts(label)
             groups += [pos, neg]
-        flat = [t for g in groups for t in g]
-        emb = self.encode_text(flat)
-        means, i = [], 0
-        for g in groups:
-            means.append(F.normalize(emb[i:i + len(g)].mean(0), dim=-1))
-            i += len(g)
-        stacked = torch.stack(means).reshape(len(labels), 2, -1)
+        emb = self.encode_text([t for g in groups for t in g])
+        stacked = group_means(emb, [len(g) for g in groups]).reshape(len(labels), 2, -1)
         return self.adapt_prompt_embeddings(labels, stacked[:, 0], stacked[:, 1])
 
     def adapt_prompt_embeddings(self, labels: list[str] | tuple[str, ...], pos: Tensor,
