@@ -41,7 +41,9 @@ def model_card(ck: dict, eval_report: dict | None) -> str:
         f"HU window {mc.get('hu_window')}, shared dim {mc.get('shared_dim')}, text model {mc.get('text_model')}",
         f"- token-level (MIL) disease scores: {'on' if mc.get('mil_disease') else 'off'}; CT densitometry bands: "
         + (f"{len(mc['density_edges_hu']) + 1} (edges {list(mc['density_edges_hu'])} HU)"
-           if mc.get("density_edges_hu") else "off"),
+           if mc.get("density_edges_hu") else "off")
+        + (", standardised per feature (running statistics)" if mc.get("density_edges_hu") and mc.get("density_norm")
+           else ""),
         "",
         "## Training data",
         f"- {cfg.data.root} split '{cfg.data.train_split}' (CT-RATE layout)"

@@ -72,6 +72,7 @@ class ModelConfig:
     # per-depth-bin and per-region fractions are projected into the tokens, bins and pooled embedding
     density_edges_hu: tuple[float, ...] = ()
     density_regions: tuple[int, int, int] = (3, 2, 2)  # (superior-inferior, anterior-posterior, right-left) regions
+    density_norm: bool = False  # standardise each density feature (ctvl.model.densitometry.RunningStandardize)
     # joint space
     shared_dim: int = 128
     proj_hidden: int = 256
@@ -254,7 +255,8 @@ DEMO_DENSITY_EDGES = (-980.0, -950.0, -900.0, -850.0, -800.0, -700.0, -600.0, -5
 
 PRESETS = {
     "demo-hybrid": lambda: ModelConfig(name="ctvl-demo", encoder="hybrid", dense_head=True, mil_disease=True,
-                                       pooling="cnn", label_adapters=True, density_edges_hu=DEMO_DENSITY_EDGES),
+                                       pooling="cnn", label_adapters=True, density_edges_hu=DEMO_DENSITY_EDGES,
+                                       density_norm=True),
     "demo-vit": lambda: ModelConfig(name="ctvl-demo-vit", encoder="vit", patch_size=(4, 8, 8), mil_disease=True,
                                     pooling="max+attention", label_adapters=True),
     "tiny-hybrid": lambda: tiny_config("hybrid"),

@@ -39,7 +39,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from ctvl.model.config import ModelConfig
-from ctvl.model.densitometry import DensityBands, bin_fractions, log_fractions, regional_fractions
+from ctvl.model.densitometry import (
+    DensityBands,
+    RunningStandardize,
+    bin_fractions,
+    log_fractions,
+    regional_fractions,
+)
 from ctvl.model.text import TextTower, chunk_text, split_sentences
 from ctvl.model.vision import DenseHead, VisionEncoder, _init_weights
 from ctvl.prompts import LABELS, disease_prompts, prompt_table
@@ -220,6 +226,11 @@ class CTVLModel(nn.Module):
             self.density_token = mlp_head(k, config.proj_hidden // 2, e)
             self.density_bin = nn.Linear(4 * k, c)
             self.density_pooled = mlp_head(k * math.prod(config.density_regions), config.proj_hidden, e)
+            self.density_scalers: nn.ModuleDict | None = None
+            if config.density_norm:
+                self.density_scalers = nn.ModuleDict({
+                    "token": RunningStandardize(k), "bin": RunningStandardize(4 * k),
+                    "pooled": RunningStandardize(k * math.prod(config.density_regions))})
         self.label_adapters = nn.Parameter(torch.zeros(len(LABELS), 2, e)) if config.label_adapters else None
         self.pool = AttentionPool(c, config.num_heads) if config.pooling in ("attention", "max+attention") else None
         # "max+attention": pooled = W [max_x tok(x); attention-pooled] (the max carries focal findings)
@@ -327,10 +338,11 @@ class CTVLModel(nn.Module):
         if tuple(frac.shape[2:]) != tuple(grid):
             frac = F.adaptive_avg_pool3d(frac, tuple(grid))
         frac = frac.to(self.logit_scale.dtype)
-        tok = self.density_token(log_fractions(frac).permute(0, 2, 3, 4, 1))
-        bins = self.density_bin(log_fractions(bin_fractions(frac)))
-        pooled = self.density_pooled(log_fractions(regional_fractions(frac, self.config.density_regions)))
-        return tok, bins, pooled
+        feats = {"token": log_fractions(frac).permute(0, 2, 3, 4, 1), "bin": log_fractions(bin_fractions(frac)),
+                 "pooled": log_fractions(regional_fractions(frac, self.config.density_regions))}
+        if self.density_scalers is not None:
+            feats = {name: self.density_scalers[name](f) for name, f in feats.items()}
+        return self.density_token(feats["token"]), self.density_bin(feats["bin"]), self.density_pooled(feats["pooled"])
 
     def _global_branch(self, tokens: Tensor, stem: Tensor | None) -> Tensor:
         """[B,E]: the CNN branch (global max and mean of one more conv stage on the stem) or the token-wise max."""
