@@ -4,8 +4,8 @@
 
 Trains phantom-demo three times with the same seed, data and step budget — SigLIP only; + disease prompts
 (pooled and token-level MIL); + snippet-slice localization (the full recipe) — then evaluates each on the held-out
-split exactly as benchmarks/quality.py does. Costs about 3 x (steps x 5 s + 3 min) on 2 CPU cores (160 steps:
-about 50 min; the embedded model's full recipe ran 640). Prints a table and writes benchmarks/results/ablation.json.
+split exactly as benchmarks/quality.py does. Costs about 3 x (steps x 2.8 s + 3 min) on 2 CPU cores (160 steps:
+about 32 min; the embedded model's full recipe ran 960). Prints a table and writes benchmarks/results/ablation.json.
 """
 
 from __future__ import annotations

@@ -150,10 +150,10 @@ def test_config_round_trip_and_validation(tmp_path):
     cfg = demo_config()
     assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
     assert cfg.token_grid() == (48, 20, 20) and cfg.downsample() == (2, 4, 4) and cfg.bin_size_mm() == 6.4
-    assert cfg.transformer_grid() == (24, 10, 10) and cfg.token_size_mm() == pytest.approx((6.4, 17.6, 17.6))
+    assert cfg.transformer_grid() == (24, 5, 5) and cfg.token_size_mm() == pytest.approx((6.4, 17.6, 17.6))
     assert demo_config("vit").token_grid() == (24, 10, 10)  # no dense head on the ViT
     off = ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k not in ("dense_head", "mil_disease")})
-    assert not off.dense_head and off.token_grid() == (24, 10, 10)  # older config.json files: dense head off
+    assert not off.dense_head and off.token_grid() == (24, 5, 5)  # older config.json files: dense head off
     with pytest.raises(CTVLWeightsError, match="hybrid"):
         ModelConfig(encoder="vit", dense_head=True).validate()
     with pytest.raises(CTVLWeightsError, match="dense_stage"):
