@@ -143,6 +143,10 @@ def data_section(p: dict | None, mq: dict | None, ma: dict | None, dp: dict | No
     if dp:
         line = (f"- What the phantom's labels need (`python -m benchmarks.density_probe`): a linear model on regional "
                 f"HU-band fractions reaches a mean validation AUROC of {_f(float(np.nanmean(dp['density_linear'])))}")
+        if dp.get("density_mlp_standardised"):
+            line += (f"; the model's regional density head alone, 640 steps, "
+                     f"{_f(float(np.nanmean(dp['density_mlp'])))} on the raw log fractions and "
+                     f"{_f(float(np.nanmean(dp['density_mlp_standardised'])))} standardised per feature")
         if dp.get("plain_cnn"):
             line += (f"; a plain 3D CNN trained end to end for {dp['cnn_steps']} steps "
                      f"{_f(float(np.nanmean(dp['plain_cnn'])))}")
