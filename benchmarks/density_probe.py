@@ -62,24 +62,23 @@ def regional_density_features(x: np.ndarray, mc) -> np.ndarray:
     return np.concatenate(out)
 
 
-def density_linear(xt, yt, xv, yv, mc) -> list[float]:
+def density_linear(ft, yt, fv, yv) -> list[float]:
+    """Logistic regression per label on regional density features (train ft, valid fv)."""
     from sklearn.linear_model import LogisticRegression
 
-    ft, fv = regional_density_features(xt, mc), regional_density_features(xv, mc)
     mean, std = ft.mean(0), ft.std(0) + 1e-6
     scores = np.stack([LogisticRegression(C=0.1, max_iter=3000).fit((ft - mean) / std, yt[:, k])
                        .decision_function((fv - mean) / std) for k in range(yt.shape[1])], axis=1)
     return _aurocs(yv, scores)
 
 
-def density_mlp(xt, yt, xv, yv, mc, standardise: bool, steps: int = 640, seed: int = 0) -> list[float]:
+def density_mlp(ft, yt, fv, yv, standardise: bool, steps: int = 640, seed: int = 0) -> list[float]:
     """The model's regional density head alone (LayerNorm-Linear-GELU-Linear, AdamW 1e-3, batch 16), trained with
     BCE for `steps` on the log fractions, either as they are or standardised per feature (`density_norm`)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
 
-    ft, fv = regional_density_features(xt, mc), regional_density_features(xv, mc)
     if standardise:
         mean, std = ft.mean(0), ft.std(0) + 1e-3
         ft, fv = (ft - mean) / std, (fv - mean) / std
@@ -150,11 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     xt, yt = _arrays(train)
     xv, yv = _arrays(valid)
     result = {"data": str(root), "n_train": len(xt), "n_valid": len(xv), "labels": list(LABELS)}
-    result["density_linear"] = density_linear(xt, yt, xv, yv, mc)
+    ft, fv = regional_density_features(xt, mc), regional_density_features(xv, mc)  # once, for (a) and (b)
+    result["density_linear"] = density_linear(ft, yt, fv, yv)
     print(f"linear model on regional HU-band fractions: mean validation AUROC "
           f"{np.nanmean(result['density_linear']):.3f}")
     for key, std in (("density_mlp", False), ("density_mlp_standardised", True)):
-        result[key] = density_mlp(xt, yt, xv, yv, mc, standardise=std)
+        result[key] = density_mlp(ft, yt, fv, yv, standardise=std)
         print(f"MLP head on regional HU-band fractions{' standardised' if std else ''}, 640 steps at batch 16: mean "
               f"validation AUROC {np.nanmean(result[key]):.3f}")
     if args.cnn_steps > 0:

@@ -120,13 +120,12 @@ class RunningStandardize(nn.Module):
         self.updates += 1
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and self.updates.item() == 0:
+        first = self.training and self.updates.item() == 0
+        if first:
             self._update(x)  # the first batch is standardised by its own statistics
-            out = self._normalise(x)
-        else:
-            out = self._normalise(x)
-            if self.training:
-                self._update(x)
+        out = self._normalise(x)
+        if self.training and not first:
+            self._update(x)
         return out
 
     def _normalise(self, x: Tensor) -> Tensor:
