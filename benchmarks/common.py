@@ -44,5 +44,6 @@ def headline(report: dict) -> dict[str, float | None]:
         "loc_median_mm": loc.get("median_abs_error_mm"),
         "loc_within_pct": loc.get("within_range_pct"),
         "pointing_game": h.get("pointing_game"),
+        "pointing_game_per_finding": h.get("pointing_game_per_finding"),
         "mass_in_mask": h.get("mass_in_mask"),
     }

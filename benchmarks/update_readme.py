@@ -40,7 +40,8 @@ def quality_section(q: dict) -> list[str]:
             ("report→volume R@10 (pool of 100)", "R@10", 3, "≥ 0.5"),
             ("snippet localization, median error (mm)", "loc_median_mm", 1, "≤ 10"),
             ("snippet localization, within finding's slices (%)", "loc_within_pct", 1, "≥ 70"),
-            ("pointing game, focal findings", "pointing_game", 3, "≥ 0.7"),
+            ("pointing game, focal findings (per volume and label)", "pointing_game", 3, "≥ 0.7"),
+            ("pointing game, per finding (stricter)", "pointing_game_per_finding", 3, ""),
             ("heatmap mass in mask", "mass_in_mask", 3, "")]
     out = [f"Held-out phantom split `{q['split']}` (seed never used in training), thresholds fixed on "
            f"`{q['val_split']}`; `python -m benchmarks.quality`:", "",

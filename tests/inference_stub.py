@@ -64,7 +64,7 @@ class StubModel(nn.Module):
     def heatmap_logits(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bdhwe,e->bdhw", tokens, text)
 
-    def bin_logits(self, bins: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def bin_logits(self, bins: torch.Tensor, text: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         return torch.einsum("bde,e->bd", bins, text) / 0.1
 
     def disease_logits(self, pooled: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, labels=None) -> torch.Tensor:

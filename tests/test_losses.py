@@ -265,3 +265,38 @@ def test_siglip_ddp_two_processes_equals_single_process(tmp_path):
     loss.backward()
     torch.testing.assert_close(res["stats"], torch.stack([loss.detach(), scale.grad, bias.grad]))
     torch.testing.assert_close(res["grads"], torch.cat([img.grad, txt.grad], dim=1))
+
+
+def test_guided_token_mask_keeps_positive_cited_labels_near_their_citations():
+    from training.losses import guided_token_mask
+
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[1, 2:5] = False
+    labels = torch.tensor([[0.0, 1.0, float("nan")], [1.0, 0.0, 1.0]])
+    guide = torch.tensor([[0, 1, 2.0], [0, 1, 6.4], [0, 0, 5.0], [0, 2, 1.0], [1, 2, 3.0], [1, 0, 0.5]])
+    m = guided_token_mask(guide, labels, valid, margin_bins=1.0)
+    assert m.shape == (2, 3, 8)
+    assert m[0, 1].nonzero().flatten().tolist() == [1, 2, 3, 6, 7]  # |bin - 2| <= 1 or |bin - 6.4| <= 1
+    assert m[0, 0].all() and m[0, 2].all()  # a negative or missing label pools over the whole scan
+    assert torch.equal(m[1, 2], valid[1])  # its citation falls on padding: back to every valid bin
+    assert m[1, 0].nonzero().flatten().tolist() == [0, 1]
+    assert torch.equal(m[1, 1], valid[1])
+    none = guided_token_mask(torch.zeros(0, 3), labels, valid)
+    assert torch.equal(none, valid[:, None, :].expand(2, 3, 8))
+
+
+def test_mil_logits_pool_each_label_over_its_own_bins():
+    from ctvl.model.joint import mil_disease_logits
+
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randn(2, 4, 2, 3, 8, generator=g, dtype=torch.float64)
+    pos, neg = _unit(3, 8, seed=4), _unit(3, 8, seed=5)
+    mask = torch.rand(2, 3, 4, generator=g) > 0.4
+    mask[:, :, 0] = True
+    got = mil_disease_logits(tokens, pos, neg, math.log(10.0), None, r=5.0, mask=mask, n_ref=24)
+    z = 10.0 * torch.einsum("bdhwe,le->bldhw", F.normalize(tokens, dim=-1), pos - neg)
+    for b in range(2):
+        for lab in range(3):
+            sel = z[b, lab][mask[b, lab]].reshape(-1)
+            want = (torch.logsumexp(5.0 * sel, 0) - math.log(24)) / 5.0
+            assert got[b, lab] == pytest.approx(float(want), rel=1e-5)

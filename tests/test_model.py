@@ -392,3 +392,55 @@ def test_cnn_pooling_and_label_adapters_round_trip(images, tmp_path):
 def test_cnn_pooling_needs_hybrid():
     with pytest.raises(CTVLWeightsError):
         ModelConfig(encoder="vit", pooling="cnn").validate()
+
+
+def test_token_localization_scores_ground_the_bins_in_their_tokens(images):
+    from ctvl.model.joint import token_bin_similarity
+
+    from training.losses import bin_logit_loss, localization_loss
+
+    torch.manual_seed(0)
+    cfg = _dense_tiny().replace(token_localization=True, token_localization_r=4.0)
+    model = CTVLModel(cfg).eval()
+    with torch.no_grad():
+        emb = model.encode_image(images)
+        text = model.encode_text(["nodule in the right upper lobe", "pleural effusion", "no finding"])
+    d, r, tau = cfg.token_grid()[0], cfg.token_localization_r, cfg.bin_temperature
+    # all pairs: (1/r) log mean over a bin's in-plane tokens of exp(r cos(token, text))
+    unit = torch.nn.functional.normalize(emb.tokens.reshape(2, d, -1, cfg.shared_dim), dim=-1)
+    cos = torch.einsum("bdne,te->btdn", unit, text)
+    want = (torch.logsumexp(r * cos, -1) - math.log(cos.shape[-1])) / r
+    sim = token_bin_similarity(emb.tokens, text, r)
+    torch.testing.assert_close(sim, want)
+    assert ((sim <= cos.amax(-1) + 1e-6) & (sim >= cos.mean(-1) - 1e-6)).all()  # between the mean and the max
+    # owner form: each text against its own volume only, in the texts' order
+    owner = torch.tensor([1, 0, 1])
+    torch.testing.assert_close(token_bin_similarity(emb.tokens, text, r, owner), sim[owner, torch.arange(3)])
+    # bin_logits: mean of the bin-embedding and token scores when on and tokens are given
+    plain = torch.einsum("bde,te->btd", emb.bins, text) / tau
+    torch.testing.assert_close(model.bin_logits(emb.bins, text), plain)
+    torch.testing.assert_close(model.bin_logits(emb.bins, text, emb.tokens), 0.5 * (plain + sim / tau))
+    torch.testing.assert_close(model.bin_logits(emb.bins, text[0], emb.tokens), 0.5 * (plain + sim / tau)[:, 0])
+    torch.testing.assert_close(model.pair_bin_logits(emb, text, owner), (0.5 * (plain + sim / tau))[owner, [0, 1, 2]])
+    off = CTVLModel(cfg.replace(token_localization=False)).eval()
+    off.load_state_dict(model.state_dict())
+    torch.testing.assert_close(off.bin_logits(emb.bins, text, emb.tokens), plain)
+    # the loss on given logits is the localization loss (same soft target, masking and mean)
+    valid = torch.ones(2, d, dtype=torch.bool)
+    valid[1, :2] = False
+    target = torch.tensor([3.0, 1.5, 5.0])
+    torch.testing.assert_close(bin_logit_loss(plain[owner, [0, 1, 2]], valid[owner], target, 1.5),
+                               localization_loss(emb.bins, valid, text, target, 1.5, tau, volume_index=owner))
+    # trained: the grounded loss reaches the dense head and the transformer through the tokens
+    model.train()
+    emb = model.encode_image(images)
+    bin_logit_loss(model.token_bin_logits(emb.tokens, text, owner), valid[owner], target, 1.5).backward()
+    named = dict(model.named_parameters())
+    for name in ("dense.mix.0.weight", "dense_token.weight", "token_head.1.weight", "vision.blocks.0.attn.qkv.weight"):
+        assert named[name].grad is not None and named[name].grad.abs().sum() > 0, name
+    assert named["bin_head.1.weight"].grad is None
+
+
+def test_token_localization_r_is_validated():
+    with pytest.raises(CTVLWeightsError, match="token_localization_r"):
+        _dense_tiny().replace(token_localization_r=0.0).validate()

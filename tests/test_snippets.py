@@ -370,3 +370,25 @@ def test_labelled_set_precision_recall():
         tp, fp, fn = tp + hit, fp + sum(found.values()) - hit, fn + sum(expected.values()) - hit
     precision, recall = tp / (tp + fp), tp / (tp + fn)
     assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("There is a 13 mm solid pulmonary nodule in the right upper lobe", ("Lung nodule",)),
+    ("Ground-glass nodule measuring 15 mm in the left upper lobe", ("Lung nodule",)),
+    ("A nodule and a ground-glass opacity in the right lower lobe", ("Lung nodule", "Lung opacity")),
+    ("Increased density consistent with ground-glass opacity", ("Lung opacity",)),  # 'consistent' is no stent
+    ("Calcific plaques in the coronary arteries", ("Coronary artery wall calcification",)),
+    ("Calcified plaques in the coronary arteries and the aorta",
+     ("Arterial wall calcification", "Coronary artery wall calcification")),
+    ("Paraseptal emphysematous changes in both lungs", ("Emphysema",)),
+    ("Smooth interlobular septal thickening", ("Interlobular septal thickening",)),
+    ("Enlarged right paratracheal lymph node with a short axis of 26 mm", ("Lymphadenopathy",)),
+    ("There is a moderate left pleural effusion", ("Pleural effusion",)),
+    ("Pericardial effusion measuring 12 mm", ("Pericardial effusion",)),
+    ("A central venous catheter tip in the SVC", ("Medical material",)),
+    ("The trachea is midline", ()),
+])
+def test_snippet_labels_name_the_ct_rate_labels(text, want):
+    from ctvl.prompts import snippet_labels
+
+    assert snippet_labels(text) == want

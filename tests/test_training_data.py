@@ -148,3 +148,17 @@ def _ref(ds, name):
 
     r = next(r for r in ds.records if r.name == name)
     return mine_references(r.text)[0]
+
+
+def test_items_carry_the_labels_their_cited_snippets_name(data):
+    from ctvl.prompts import LABELS, snippet_labels
+
+    ds = _ds(data, max_snippets=1)
+    i, r = next((i, r) for i, r in enumerate(ds.records) if r.snippets)
+    item = ds[i]
+    want = [(LABELS.index(lab), s[2]) for s in r.snippets for lab in snippet_labels(s[0])]
+    assert item["guide"] == want  # every pair of the record, not only the sampled snippets
+    batch = collate([ds[j] for j in range(len(ds))])
+    rows = [(b, lab, pos) for b in range(len(ds)) for lab, pos in ds[b]["guide"]]
+    assert batch["guide"].shape == (len(rows), 3)
+    assert batch["guide"].tolist() == [list(map(float, row)) for row in rows]

@@ -29,6 +29,23 @@ def test_loss_falls(data, tmp_path):
     assert summary["snippet_stats"]["kept"] > 0
 
 
+def test_grounded_localization_term_is_trained_and_logged(data, tmp_path):
+    import csv
+
+    from training.engine import train
+
+    over = {"train.max_steps": 3, "model.token_localization": "true", "loss.token_localization.enabled": "true",
+            "loss.token_localization.weight": 0.5}
+    train(tiny_config(data, **over), tmp_path / "run", progress=False)
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert any(float(r["token_localization"]) > 0 for r in rows)
+    assert all((float(r["token_localization"]) > 0) == (float(r["localization"]) > 0) for r in rows)  # same pairs
+    # a model without grounded scores ignores the term (nothing to train)
+    over["model.token_localization"] = "false"
+    train(tiny_config(data, **over), tmp_path / "off", progress=False)
+    assert "token_localization" not in (tmp_path / "off" / "log.csv").read_text().splitlines()[0]
+
+
 def test_kill_and_resume_is_exact(data, tmp_path):
     from training.engine import train
 

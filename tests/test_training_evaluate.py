@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from ctvl.prompts import LABELS
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +38,33 @@ def test_model_report(setup):
     assert rep["localization"]["n_pairs"] >= 0
     h = rep["heatmaps"]
     assert h["n_findings"] >= 1 and 0 <= h["pointing_game"] <= 1 and 0 <= h["mass_in_mask"] <= 1
+    assert h["n_volume_labels"] <= h["n_findings"] and set(h["per_label"]) <= set(LABELS)
+    assert sum(r["n"] for r in h["per_label"].values()) == h["n_volume_labels"]
+    loc = rep["localization"]
+    assert sum(r["n"] for r in loc["per_label"].values()) == loc["n_pairs"]
     table = format_table(rep)
     assert "MEAN" in table and "retrieval" in table
     json.dumps(rep)  # serialisable
+
+
+def test_pointing_counts_a_hit_on_any_instance_of_the_label_and_per_finding():
+    from training.evaluate import pointing
+
+    mask = np.zeros((4, 6, 6), np.uint8)
+    mask[1, 1:3, 1:3] = 5  # nodule A
+    mask[2, 3:5, 3:5] = 7  # nodule B
+    heat = np.zeros(mask.shape, np.float32)
+    heat[2, 4, 4] = 3.0  # peak on B
+    heat[1, 1, 1] = 1.0
+    row, hits = pointing(heat, mask, [5, 7])
+    assert row["hit"] and hits == [False, True]
+    assert row["mask_fraction"] == (mask > 0).mean()
+    pos = np.maximum(heat - heat.mean(), 0)
+    assert row["mass_in_mask"] == pytest.approx(pos[mask > 0].sum() / pos.sum())
+    row, hits = pointing(heat, mask, [5])  # the peak misses the only instance
+    assert not row["hit"] and hits == [False]
+    row, hits = pointing(heat, mask, [9])  # label absent from the mask
+    assert row is None and hits == []
 
 
 def test_baselines(setup):

@@ -73,12 +73,23 @@ class LocalizationObjective(Objective):
 
 
 @dataclass
+class MilObjective(Objective):
+    # report-guided MIL: a positive label's pooling is restricted to the depth bins around the images its report
+    # snippets cite (training.losses.guided_token_mask); off = pooling over the whole scan
+    guided: bool = False
+    guide_margin_bins: float = 2.0
+
+
+@dataclass
 class LossConfig:
     siglip: Objective = field(default_factory=Objective)
     disease: Objective = field(default_factory=Objective)
     localization: LocalizationObjective = field(default_factory=LocalizationObjective)
     # token-level (MIL) disease supervision; needs a model with `mil_disease: true` (ignored otherwise)
-    mil: Objective = field(default_factory=lambda: Objective(enabled=False))
+    mil: MilObjective = field(default_factory=lambda: MilObjective(enabled=False))
+    # grounded localization: the same soft-target CE on the bins' token scores (needs a model with
+    # `token_localization: true`; sigma from `localization`)
+    token_localization: Objective = field(default_factory=lambda: Objective(enabled=False))
 
 
 @dataclass
@@ -149,8 +160,8 @@ def _build(cls, data: Any, where: str):
 _TYPES = {
     c.__name__: c
     for c in (
-        AugmentConfig, PhantomSplit, GenerateConfig, DataConfig, Objective, LocalizationObjective, LossConfig,
-        OptimConfig, TrainConfig, Config,
+        AugmentConfig, PhantomSplit, GenerateConfig, DataConfig, Objective, LocalizationObjective, MilObjective,
+        LossConfig, OptimConfig, TrainConfig, Config,
     )
 }
 

@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 from ctvl.errors import CTVLInputError
-from ctvl.prompts import LABELS
+from ctvl.prompts import LABELS, snippet_labels
 
 from training.augment import IDENTITY, sample_params
+
+LABEL_INDEX = {lab: i for i, lab in enumerate(LABELS)}
 
 log = logging.getLogger(__name__)
 
@@ -436,6 +438,9 @@ class CTRateDataset(torch.utils.data.Dataset):
             "snippets": [s[0] for s in snippets],
             "snippet_bins": [s[2] for s in snippets],
             "snippet_depths": [s[1] for s in snippets],
+            # every pair (not only the sampled ones): (label index, fractional bin) per label its snippet names,
+            # for report-guided MIL (training.losses.guided_token_mask)
+            "guide": [(LABEL_INDEX[lab], s[2]) for s in r.snippets for lab in snippet_labels(s[0])],
             "bin_valid": torch.from_numpy(r.bin_valid if r.bin_valid is not None
                                           else np.ones(self.pre.shape[0] // self.bin_depth, dtype=bool)),
             "name": r.name,
@@ -452,8 +457,9 @@ def collate(items: list[dict | None]) -> dict | None:
     items = [it for it in items if it is not None]
     if not items:
         return None
-    snippets, bins, owner = [], [], []
+    snippets, bins, owner, guide = [], [], [], []
     for b, it in enumerate(items):
+        guide += [(b, lab, pos) for lab, pos in it.get("guide", [])]
         snippets += it["snippets"]
         bins += it["snippet_bins"]
         owner += [b] * len(it["snippets"])
@@ -466,6 +472,7 @@ def collate(items: list[dict | None]) -> dict | None:
         "snippets": snippets,
         "snippet_bins": torch.tensor(bins, dtype=torch.float32),
         "snippet_owner": torch.tensor(owner, dtype=torch.long),
+        "guide": torch.tensor(guide, dtype=torch.float32).reshape(-1, 3),  # rows (volume, label, fractional bin)
         "names": [it["name"] for it in items],
         "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
     }

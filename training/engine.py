@@ -116,21 +116,42 @@ class TrainStep(torch.nn.Module):
         if mil_on:
             terms["mil"] = L.mil_disease_loss(
                 emb.tokens, pos, neg, batch["labels"].to(emb.tokens.device), m.mil_logit_scale,
-                m.label_bias(mil=True), r=m.config.mil_r, token_mask=batch["bin_valid"].to(emb.tokens.device),
+                m.label_bias(mil=True), r=m.config.mil_r, token_mask=self._mil_mask(batch, emb.tokens.device),
                 n_ref=math.prod(m.config.token_grid()),
             )
+        owner = batch["snippet_owner"].to(emb.bins.device)
+        grounded = lc.token_localization.enabled and getattr(m.config, "token_localization", False)
+        snippets = m.encode_text(batch["snippets"]) if owner.numel() and (lc.localization.enabled or grounded) \
+            else None
         if lc.localization.enabled:
-            owner = batch["snippet_owner"].to(emb.bins.device)
-            if owner.numel():
+            if snippets is not None:
                 terms["localization"] = L.localization_loss(
-                    emb.bins, batch["bin_valid"].to(emb.bins.device), m.encode_text(batch["snippets"]),
+                    emb.bins, batch["bin_valid"].to(emb.bins.device), snippets,
                     batch["snippet_bins"].to(emb.bins.device), sigma_bins=lc.localization.sigma_bins,
                     tau=m.config.bin_temperature, volume_index=owner,
                 )
             else:  # keep the bin head in the graph (DDP) with a zero term
                 terms["localization"] = emb.bins.sum() * 0.0
+        if grounded:
+            if snippets is not None:
+                valid = batch["bin_valid"].to(emb.tokens.device)[owner]
+                terms["token_localization"] = L.bin_logit_loss(
+                    m.token_bin_logits(emb.tokens, snippets, owner), valid,
+                    batch["snippet_bins"].to(emb.tokens.device), sigma_bins=lc.localization.sigma_bins)
+            else:
+                terms["token_localization"] = emb.tokens.sum() * 0.0
         terms["loss"] = sum(getattr(lc, k).weight * v for k, v in terms.items())
         return terms
+
+    def _mil_mask(self, batch: dict, device: torch.device) -> torch.Tensor:
+        """[B,d] valid bins, or [B,L,d] per label with report-guided MIL (`loss.mil.guided`)."""
+        from training import losses as L
+
+        valid = batch["bin_valid"].to(device)
+        mil = self.loss_cfg.mil
+        if not getattr(mil, "guided", False):
+            return valid
+        return L.guided_token_mask(batch["guide"].to(device), batch["labels"].to(device), valid, mil.guide_margin_bins)
 
 
 # ---------------------------------------------------------------------------------------------- optimizer

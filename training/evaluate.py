@@ -6,8 +6,10 @@
 - Report -> volume retrieval Recall@1/5/10/50 inside pools of ``pool_size`` volumes (CT-CLIP's "R@10 among 100").
 - Snippet localization: predicted slice = the best depth bin's centre mapped to the input slice; error |delta| in
   slices and mm, % inside the finding's slice range (phantom ``ground_truth.jsonl``; else the cited slice).
-- Heatmaps (phantom masks): pointing game (argmax of the label-prompt heatmap on the input grid inside the
-  finding's mask, focal findings) and mass-in-mask (share of the heatmap mass above its mean inside the mask).
+- Heatmaps (phantom masks), focal findings: pointing game per (volume, label) as Zhang et al. define it (a hit when
+  the argmax of the label-prompt heatmap on the input grid lies on any of the label's instance masks; no distance
+  tolerance), also per finding (stricter: one maximum can hit only one of two nodules), and mass-in-mask (share of
+  the heatmap mass above its mean inside the label's masks).
 - ``baseline``: ``random`` (random scores/embeddings/heatmaps) or ``prevalence`` (label prevalence as the score,
   centre slice, flat heatmap), so the benchmark shows what a trivial model gets.
 """
@@ -55,8 +57,7 @@ class ModelPredictor:
         if batch["snippets"]:
             snip = m.encode_text(batch["snippets"])
             owner = batch["snippet_owner"].to(self.device)
-            b = torch.nn.functional.normalize(emb.bins[owner], dim=-1)
-            logits = torch.einsum("sde,se->sd", b, snip)
+            logits = m.pair_bin_logits(emb, snip, owner)
             valid = batch["bin_valid"].to(self.device)[owner]
             bins = list(logits.masked_fill(~valid, float("-inf")).float().cpu().numpy())  # argmax over the scan
         heats = []
@@ -246,7 +247,7 @@ def evaluate(
 
     gt = load_ground_truth(root, split)
     probs, labels, img_emb, rep_emb = [], [], [], []
-    loc_rows, point_rows = [], []
+    loc_rows, point_rows, finding_rows = [], [], []
     for batch in _batches(ds, batch_size):
         recs = [ds.records[int(i)] for i in batch["index"]]
         heat_labels = []
@@ -273,8 +274,8 @@ def evaluate(
                 target = int(f["centre_slice"]) if f and "centre_slice" in f else cited
                 rng = tuple(f["slice_range"]) if f and f.get("slice_range") else None
                 step = abs(info["slice_positions_mm"][1] - info["slice_positions_mm"][0]) if info["n_slices"] > 1 else 0
-                loc_rows.append({"volume": r.name, "pred": pred, "target": target, "err": abs(pred - target),
-                                 "err_mm": abs(pred - target) * step,
+                loc_rows.append({"volume": r.name, "label": (f or {}).get("label", "unmatched"), "pred": pred,
+                                 "target": target, "err": abs(pred - target), "err_mm": abs(pred - target) * step,
                                  "within": (rng[0] <= pred <= rng[1]) if rng else None})
             # heatmaps
             if not heat_labels[b]:
@@ -284,20 +285,19 @@ def evaluate(
                 continue
             mask = read_volume(mpath, validate=False)
             tok_aff = _token_affine(np.asarray(info["model_ijk_to_ras"]), bsize)
+            instances: dict[str, list[int]] = {}  # label -> mask values of its focal findings in this volume
             for f in findings:
-                if f.get("label") not in LABELS or LABELS.index(f["label"]) not in out["heat"][b]:
-                    continue
-                heat = out["heat"][b][LABELS.index(f["label"])]
+                if f.get("label") in LABELS and LABELS.index(f["label"]) in out["heat"][b] and f.get("mask_value") \
+                        and f.get("focal", f["label"] in FOCAL_LABELS):
+                    instances.setdefault(f["label"], []).append(int(f["mask_value"]))
+            for label, values in instances.items():
+                heat = out["heat"][b][LABELS.index(label)]
                 on_input = resample(Volume(heat.astype(np.float32), tok_aff), mask.ijk_to_ras, mask.array.shape,
                                     order=1, fill=float(heat.min())).array
-                inside = mask.array == int(f["mask_value"])
-                if not inside.any():
-                    continue
-                hit = bool(inside.flat[int(np.argmax(on_input))])
-                pos = np.maximum(on_input - on_input.mean(), 0)
-                mass = float(pos[inside].sum() / pos.sum()) if pos.sum() > 0 else 0.0
-                point_rows.append({"volume": r.name, "label": f["label"], "hit": hit, "mass_in_mask": mass,
-                                   "mask_fraction": float(inside.mean())})
+                row, hits = pointing(on_input, mask.array, values)
+                finding_rows += [{"volume": r.name, "label": label, "hit": h} for h in hits]
+                if row is not None:
+                    point_rows.append({"volume": r.name, "label": label, **row})
 
     probs, labels = np.concatenate(probs), np.concatenate(labels)
     thresholds = {"eval_set": pick_thresholds(probs, labels, threshold_rule)}
@@ -316,9 +316,26 @@ def evaluate(
         "classification": classification_report(probs, labels, thresholds),
         "retrieval": M.pooled_recall_at_k(np.concatenate(rep_emb), np.concatenate(img_emb), pool_size, seed=seed),
         "localization": _summarise_loc(loc_rows, ds.snippet_stats, bool(gt)),
-        "heatmaps": _summarise_points(point_rows),
+        "heatmaps": _summarise_points(point_rows, finding_rows),
     }
     return report
+
+
+def pointing(heat: np.ndarray, mask: np.ndarray, values: list[int]) -> tuple[dict | None, list[bool]]:
+    """Pointing game of one label's heatmap (on the mask's grid) against its instances (mask values).
+
+    Returns ({hit, mass_in_mask, mask_fraction} for the union of the instances, or None when none is in the
+    mask; one hit per instance present). hit: the heatmap's argmax lies on the instance(s); mass_in_mask: share of
+    the heatmap above its mean that lies inside.
+    """
+    peak = int(np.argmax(heat))
+    per_instance = [bool(mask.flat[peak] == v) for v in values if (mask == v).any()]
+    union = np.isin(mask, values)
+    if not union.any():
+        return None, per_instance
+    pos = np.maximum(heat - heat.mean(), 0)
+    mass = float(pos[union].sum() / pos.sum()) if pos.sum() > 0 else 0.0
+    return {"hit": bool(union.flat[peak]), "mass_in_mask": mass, "mask_fraction": float(union.mean())}, per_instance
 
 
 def _item_snippets(batch: dict, b: int, r) -> list[tuple]:
@@ -345,18 +362,37 @@ def _summarise_loc(rows: list[dict], stats: dict, has_gt: bool) -> dict:
         out["median_abs_error_mm"] = float(np.median([r["err_mm"] for r in rows]))
         within = [r["within"] for r in rows if r["within"] is not None]
         out["within_range_pct"] = float(100 * np.mean(within)) if within else None
+        out["per_label"] = {}
+        for lab, group in sorted(_group(rows, "label", "err_mm").items()):
+            inside = [r["within"] for r in rows if r["label"] == lab and r["within"] is not None]
+            out["per_label"][lab] = {"n": len(group), "median_abs_error_mm": float(np.median(group)),
+                                     "within_range_pct": float(100 * np.mean(inside)) if inside else None}
     return out
 
 
-def _summarise_points(rows: list[dict]) -> dict:
+def _summarise_points(rows: list[dict], finding_rows: list[dict]) -> dict:
+    """rows: one per (volume, label) with the union of that label's instance masks (the pointing game of Zhang et
+    al.: a hit when the heatmap's maximum lies on any instance of the category); finding_rows: one per finding
+    (stricter: a volume with two nodules can score at most one hit with one maximum)."""
     if not rows:
         return {"n_findings": 0}
     return {
-        "n_findings": len(rows),
+        "n_findings": len(finding_rows),
+        "n_volume_labels": len(rows),
         "pointing_game": float(np.mean([r["hit"] for r in rows])),
+        "pointing_game_per_finding": float(np.mean([r["hit"] for r in finding_rows])) if finding_rows else None,
         "mass_in_mask": float(np.mean([r["mass_in_mask"] for r in rows])),
         "mask_fraction": float(np.mean([r["mask_fraction"] for r in rows])),
+        "per_label": {lab: {"n": len(hits), "pointing_game": float(np.mean(hits))}
+                      for lab, hits in sorted(_group(rows, "label", "hit").items())},
     }
+
+
+def _group(rows: list[dict], key: str, value: str) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for r in rows:
+        out.setdefault(r[key], []).append(r[value])
+    return out
 
 
 def format_table(report: dict) -> str:
@@ -382,6 +418,7 @@ def format_table(report: dict) -> str:
                      + (f", within range {w:.1f}%" if w is not None else ""))
     h = report["heatmaps"]
     if h.get("n_findings"):
-        lines.append(f"heatmaps ({h['n_findings']} focal findings): pointing game {h['pointing_game']:.3f}, "
+        lines.append(f"heatmaps ({h['n_volume_labels']} volume-label pairs, {h['n_findings']} focal findings): "
+                     f"pointing game {h['pointing_game']:.3f} (per finding {h['pointing_game_per_finding']:.3f}), "
                      f"mass in mask {h['mass_in_mask']:.3f} (mask fraction {h['mask_fraction']:.4f})")
     return "\n".join(lines)

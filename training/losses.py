@@ -109,6 +109,28 @@ def mil_disease_loss(tokens: Tensor, pos_emb: Tensor, neg_emb: Tensor, labels: T
     return per.sum() / valid.sum().clamp_min(1).to(per.dtype)
 
 
+def guided_token_mask(guide: Tensor, labels: Tensor, bin_valid: Tensor, margin_bins: float = 2.0) -> Tensor:
+    """[B,L,d] depth bins each label's MIL pooling may use (report-guided MIL): for a positive label that the
+    report's cited snippets name, the valid bins within `margin_bins` of those citations; otherwise every valid bin.
+
+    guide [G,3] rows (volume, label index, fractional bin) (training.data's batch["guide"]); labels [B,L] (1 =
+    positive; NaN / -1 missing); bin_valid [B,d] bool. The heatmap's evidence for a finding the report places on
+    image 45 must then come from around image 45, not from anywhere in the scan.
+    """
+    b, d = bin_valid.shape
+    n_lab = labels.shape[1]
+    valid = bin_valid.bool()
+    near = torch.zeros(b * n_lab, d, dtype=torch.float32, device=valid.device)
+    if guide.numel():
+        row = guide[:, 0].long() * n_lab + guide[:, 1].long()
+        centres = torch.arange(d, device=valid.device, dtype=torch.float32)
+        close = ((centres[None, :] - guide[:, 2:3].to(valid.device)).abs() <= margin_bins).float()
+        near.index_add_(0, row.to(valid.device), close)
+    near = (near.reshape(b, n_lab, d) > 0) & valid[:, None, :]
+    cited = near.any(-1) & (labels.to(valid.device) == 1)
+    return torch.where(cited[..., None], near, valid[:, None, :].expand(b, n_lab, d))
+
+
 # ----------------------------------------------------------------------------- localisation
 def soft_bin_target(target_bin: Tensor, n_bins: int, sigma_bins: float = 2.0, target_end: Tensor | None = None,
                     valid_mask: Tensor | None = None) -> Tensor:
@@ -144,11 +166,17 @@ def localization_loss(bins: Tensor, valid_mask: Tensor | None, snippet_emb: Tens
     """
     if volume_index is None:
         volume_index = torch.arange(snippet_emb.shape[0], device=bins.device)
-    vb = bins[volume_index]  # [M,d,E]
-    n_bins = vb.shape[1]
-    valid = (valid_mask[volume_index].bool() if valid_mask is not None
-             else torch.ones(vb.shape[:2], dtype=torch.bool, device=bins.device))
-    logits = torch.einsum("mde,me->md", vb, snippet_emb) / tau
+    logits = torch.einsum("mde,me->md", bins[volume_index], snippet_emb) / tau
+    valid = valid_mask[volume_index] if valid_mask is not None else None
+    return bin_logit_loss(logits, valid, target_bin, sigma_bins, target_end, sample_mask)
+
+
+def bin_logit_loss(logits: Tensor, valid: Tensor | None, target_bin: Tensor, sigma_bins: float = 2.0,
+                   target_end: Tensor | None = None, sample_mask: Tensor | None = None) -> Tensor:
+    """`localization_loss` on given snippet->bin logits [M,d] (e.g. the grounded token scores of
+    `ctvl.model.CTVLModel.token_bin_logits`); valid [M,d] bool or None."""
+    n_bins = logits.shape[1]
+    valid = valid.bool() if valid is not None else torch.ones_like(logits, dtype=torch.bool)
     logits = logits.masked_fill(~valid, float("-inf"))
     q = soft_bin_target(target_bin, n_bins, sigma_bins, target_end, valid)
     row_ok = q.sum(-1) > 0

@@ -332,7 +332,8 @@ class VolumeEncoding:
     def bin_scores(self, text: str) -> np.ndarray:
         emb = self.text_embedding(text).to(self.bins.device)
         with self._lock, torch.no_grad():
-            return self.model.bin_logits(self.bins[None], emb).reshape(-1).float().cpu().numpy()
+            logits = self.model.bin_logits(self.bins[None], emb, self.tokens[None])  # tokens: grounded bin scores
+            return logits.reshape(-1).float().cpu().numpy()
 
     def slice_scores(self, text: str) -> np.ndarray:
         """One score per input slice (bin scores interpolated by the slices' RAS S position)."""

