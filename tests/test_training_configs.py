@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,17 @@ def test_ct_rate_config_runs_two_steps(tmp_path):
     assert (Path(tmp_path / "run" / "checkpoints" / "step_0000002.pt")).is_file()
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved.name == "ct-rate" and saved.train.grad_checkpointing
+
+
+def test_the_demo_recipe_builds_the_embedded_model():
+    """phantom-demo.yaml is the recipe of the embedded weights: same architecture and preprocessing."""
+    from ctvl.model import ModelConfig
+
+    from training.engine import model_config
+
+    embedded = ROOT / "CTVLExtension" / "Logic" / "weights" / "demo" / "config.json"
+    if not embedded.is_file():
+        pytest.skip("no embedded demo weights")
+    cfg = load_config(ROOT / "training" / "configs" / "phantom-demo.yaml")
+    want = ModelConfig.from_dict(json.loads(embedded.read_text())).replace(extra={})
+    assert model_config(cfg.model).replace(extra={}) == want

@@ -40,10 +40,33 @@ def test_grounded_localization_term_is_trained_and_logged(data, tmp_path):
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
     assert any(float(r["token_localization"]) > 0 for r in rows)
     assert all((float(r["token_localization"]) > 0) == (float(r["localization"]) > 0) for r in rows)  # same pairs
+    from training.engine import latest_checkpoint
+    from training.export import export
+
+    card = (export(latest_checkpoint(tmp_path / "run"), tmp_path / "weights") / "card.md").read_text()
+    assert "tokens' (grounded) scores" in card and "token_localization (weight 0.5)" in card
     # a model without grounded scores ignores the term (nothing to train)
     over["model.token_localization"] = "false"
     train(tiny_config(data, **over), tmp_path / "off", progress=False)
     assert "token_localization" not in (tmp_path / "off" / "log.csv").read_text().splitlines()[0]
+
+
+def test_report_guided_mil_trains(data, tmp_path, monkeypatch):
+    import training.losses as L
+    from training.engine import train
+
+    seen = []
+    real = L.guided_token_mask
+    valid = []
+    monkeypatch.setattr(L, "guided_token_mask",
+                        lambda *a, **k: valid.append(a[2]) or seen.append(real(*a, **k)) or seen[-1])
+    over = {"train.max_steps": 3, "model.mil_disease": "true", "loss.mil.enabled": "true", "loss.mil.guided": "true",
+            "loss.mil.guide_margin_bins": 1.0}
+    summary = train(tiny_config(data, **over), tmp_path / "run", progress=False)
+    assert len(seen) == 3 and all(m.ndim == 3 and m.shape[1] == 18 for m in seen)  # [B, labels, bins] every step
+    # some positive label was held to the bins its snippet cites (not only the scan's valid bins)
+    assert any((m != v[:, None, :]).any() for m, v in zip(seen, valid))
+    assert all(torch.isfinite(torch.tensor(summary["losses"])))
 
 
 def test_kill_and_resume_is_exact(data, tmp_path):

@@ -3,7 +3,7 @@
 Resume is exact: checkpoints hold model/optimizer/scheduler/scaler state, the step, the sampler's epoch and
 position, and the RNG states of python/numpy/torch (+ the DataLoader's own generator). Augmentation draws from a
 per-item generator seeded by (seed, epoch, index), so a resumed run sees the same batches and the same augmented
-volumes as an uninterrupted one (bit-for-bit on CPU; tests/test_training_resume.py).
+volumes as an uninterrupted one (bit-for-bit on CPU; tests/test_training_engine.py).
 """
 
 from __future__ import annotations

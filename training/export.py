@@ -44,6 +44,8 @@ def model_card(ck: dict, eval_report: dict | None) -> str:
            if mc.get("density_edges_hu") else "off")
         + (", standardised per feature (running statistics)" if mc.get("density_edges_hu") and mc.get("density_norm")
            else ""),
+        "- depth-bin text scores: " + ("mean of the bin embedding's and its tokens' (grounded) scores"
+                                       if mc.get("token_localization") else "bin embedding"),
         "",
         "## Training data",
         f"- {cfg.data.root} split '{cfg.data.train_split}' (CT-RATE layout)"
@@ -52,7 +54,9 @@ def model_card(ck: dict, eval_report: dict | None) -> str:
         f"- config '{cfg.name}': {ck['step']} steps, batch {cfg.train.batch_size} x {ck.get('world_size', 1)} "
         f"process(es) x accumulation {cfg.train.grad_accum}, lr {cfg.optim.lr}",
         "- objectives: " + ", ".join(
-            f"{k} (weight {getattr(cfg.loss, k).weight})" for k in ("siglip", "disease", "mil", "localization")
+            f"{k}{' (report-guided)' if k == 'mil' and cfg.loss.mil.guided else ''} "
+            f"(weight {getattr(cfg.loss, k).weight})"
+            for k in ("siglip", "disease", "mil", "localization", "token_localization")
             if getattr(cfg.loss, k).enabled),
         "",
         "## Metrics",
@@ -76,7 +80,10 @@ def model_card(ck: dict, eval_report: dict | None) -> str:
                          f"({loc['n_pairs']} pairs)")
         h = eval_report.get("heatmaps", {})
         if h.get("n_findings"):
-            lines.append(f"- heatmap pointing game {h['pointing_game']:.3f}, mass in mask {h['mass_in_mask']:.3f}")
+            per = h.get("pointing_game_per_finding")
+            lines.append(f"- heatmap pointing game {h['pointing_game']:.3f} per (volume, label)"
+                         + (f", {per:.3f} per finding" if per is not None else "")
+                         + f"; mass in mask {h['mass_in_mask']:.3f}")
     else:
         lines.append("- not evaluated (export with --eval report.json to include metrics)")
     lines += ["", LIMITS]

@@ -267,7 +267,7 @@ PRESETS = {
                                        stem_strides=((1, 2, 2), (2, 2, 2), (1, 2, 2), (2, 2, 2)), dense_stage=1,
                                        dense_head=True, mil_disease=True,
                                        pooling="cnn", label_adapters=True, density_edges_hu=DEMO_DENSITY_EDGES,
-                                       density_norm=True),
+                                       density_norm=True, token_localization=True),
     "demo-vit": lambda: ModelConfig(name="ctvl-demo-vit", encoder="vit", patch_size=(4, 8, 8), mil_disease=True,
                                     pooling="max+attention", label_adapters=True),
     "tiny-hybrid": lambda: tiny_config("hybrid"),
