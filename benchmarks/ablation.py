@@ -1,11 +1,13 @@
 """Ablation of the training objectives at an equal, reduced budget (which objective buys what).
 
-    python -m benchmarks.ablation [--steps 160] [--data data/phantom]
+    python -m benchmarks.ablation [--steps 160] [--data data/phantom] [--only VARIANT ...] [--eval-only]
 
 Trains phantom-demo three times with the same seed, data and step budget — SigLIP only; + disease prompts
-(pooled and token-level MIL); + snippet-slice localization (the full recipe) — then evaluates each on the held-out
-split exactly as benchmarks/quality.py does. Costs about 3 x (steps x 3.0 s + 3 min) on 2 CPU cores (160 steps:
-about 33 min; the embedded model's full recipe ran 960). Prints a table and writes benchmarks/results/ablation.json.
+(pooled and token-level MIL); + snippet-slice localization, on the bin embeddings and the tokens (the full recipe)
+— then evaluates each on the held-out split exactly as benchmarks/quality.py does. Costs about
+3 x (steps x 3.0 s + 3 min) on 2 CPU cores (160 steps: about 33 min; the embedded model's full recipe ran 960).
+Prints a table and writes benchmarks/results/ablation.json; `--only` re-runs some variants and keeps the other
+rows, `--eval-only` re-evaluates the exported weights of earlier runs (after a change of the metrics).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-split", default="valid")
     ap.add_argument("--runs", default="runs/ablation")
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="train/evaluate only these variants")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="re-evaluate the variants' exported weights in --runs without training (new metrics)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -65,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
                  "--override", f"train.max_steps={args.steps}", "--override", f"optim.warmup_steps={args.steps // 10}"]
         for o in overrides:
             train += ["--override", o]
-        _run(train)
-        _run([sys.executable, "-m", "training", "export", str(run), "--out", str(run / "weights")])
+        if not args.eval_only:
+            _run(train)
+            _run([sys.executable, "-m", "training", "export", str(run), "--out", str(run / "weights")])
+        elif not (run / "weights" / "config.json").is_file():
+            raise SystemExit(f"--eval-only: no exported weights in {run / 'weights'}")
         rows[name] = headline(evaluate(str(run / "weights"), data, split=args.split, val_split=args.val_split))
         write_json(out, {"steps": args.steps, "split": args.split, "variants": VARIANTS,
                          "headline": {k: rows[k] for k in VARIANTS if k in rows}})
