@@ -219,6 +219,7 @@ class Record:
     references: list = field(default_factory=list)  # mined ImageReference objects
     snippets: list = field(default_factory=list)  # [(snippet text, model depth, fractional bin, input slice)]
     bin_valid: np.ndarray | None = None  # bool [n_bins]: depth bins that overlap the scan (not padding)
+    guide: list | None = None  # [(label index, fractional bin)] per label each snippet names (built on first use)
 
 
 class CTRateDataset(torch.utils.data.Dataset):
@@ -333,6 +334,7 @@ class CTRateDataset(torch.utils.data.Dataset):
                 continue
             infos[r.name] = info
             r.bin_valid = self.valid_bins(info)
+            r.guide = None  # rebuilt from the pairs below on first use
             for ref in mine_references(r.text):
                 stats["mined"] += 1
                 try:
@@ -416,6 +418,14 @@ class CTRateDataset(torch.utils.data.Dataset):
             self._mark_bad(r.name, f"{type(exc).__name__}: {exc}")
             return None
 
+    @staticmethod
+    def _guide(r: Record) -> list:
+        """Every pair of the record (not only the sampled ones) as (label index, fractional bin), once per label its
+        snippet names: report-guided MIL's citations (training.losses.guided_token_mask). Cached on the record."""
+        if r.guide is None:
+            r.guide = [(LABEL_INDEX[lab], s[2]) for s in r.snippets for lab in snippet_labels(s[0])]
+        return r.guide
+
     def __getitem__(self, index: int) -> dict | None:
         arr = self.load_array(index)
         if arr is None:
@@ -438,9 +448,7 @@ class CTRateDataset(torch.utils.data.Dataset):
             "snippets": [s[0] for s in snippets],
             "snippet_bins": [s[2] for s in snippets],
             "snippet_depths": [s[1] for s in snippets],
-            # every pair (not only the sampled ones): (label index, fractional bin) per label its snippet names,
-            # for report-guided MIL (training.losses.guided_token_mask)
-            "guide": [(LABEL_INDEX[lab], s[2]) for s in r.snippets for lab in snippet_labels(s[0])],
+            "guide": self._guide(r),
             "bin_valid": torch.from_numpy(r.bin_valid if r.bin_valid is not None
                                           else np.ones(self.pre.shape[0] // self.bin_depth, dtype=bool)),
             "name": r.name,

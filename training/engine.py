@@ -149,7 +149,7 @@ class TrainStep(torch.nn.Module):
 
         valid = batch["bin_valid"].to(device)
         mil = self.loss_cfg.mil
-        if not getattr(mil, "guided", False):
+        if not mil.guided:
             return valid
         return L.guided_token_mask(batch["guide"].to(device), batch["labels"].to(device), valid, mil.guide_margin_bins)
 
