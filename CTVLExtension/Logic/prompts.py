@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 LABELS: tuple[str, ...] = (
     "Medical material",
     "Arterial wall calcification",
@@ -57,8 +59,6 @@ _SUPERSEDES = {"Coronary artery wall calcification": ("Arterial wall calcificati
 def snippet_labels(text: str) -> tuple[str, ...]:
     """The CT-RATE labels a finding sentence names, in `LABELS` order: 'Ground-glass nodule in the left upper lobe'
     -> ('Lung nodule',). Empty for a sentence that names none."""
-    import re
-
     low = text.lower()
     found = {lab for lab, pat in _LABEL_PATTERNS.items() if re.search(pat, low)}
     found -= {loser for winner, (loser, keep) in _SUPERSEDES.items() if winner in found and not re.search(keep, low)}
