@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from training.config import load_config
-from training.engine import TrainStep, build_model, build_optimizer
+from training.engine import TrainStep, amp_dtype, build_model, build_optimizer
 
 FINDINGS = ["A solid nodule in the right upper lobe.", "Bilateral pleural effusion.", "Emphysema in both lungs.",
             "Coronary artery calcification.", "No pericardial effusion.", "Consolidation in the left lower lobe."]
@@ -43,6 +43,8 @@ def synthetic_batch(model, batch: int, rng: np.random.Generator, device: torch.d
 def measure(config: str, overrides: list[str], device: str, batch: int, steps: int, checkpointing: bool) -> dict:
     cfg = load_config(config, overrides)
     dev = torch.device(device)
+    if dev.type == "cpu" and cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     model = build_model(cfg)
     if checkpointing:
         model.config.grad_checkpointing = True
@@ -50,7 +52,7 @@ def measure(config: str, overrides: list[str], device: str, batch: int, steps: i
     model.to(dev).train()
     step = TrainStep(model, cfg.loss)
     optimizer, _ = build_optimizer(model, cfg)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if dev.type == "cuda" else None
+    amp = amp_dtype(cfg.train, dev)
     rng = np.random.default_rng(0)
     batch_data = synthetic_batch(model, batch, rng, dev)
     times = []

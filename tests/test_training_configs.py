@@ -35,6 +35,25 @@ def test_unknown_key_and_bad_override_are_clear_errors(tmp_path):
         load_config(CONFIGS[0], ["train.max_steps"])
 
 
+def test_mixed_precision_settings_are_checked():
+    import torch
+    from ctvl.errors import CTVLInputError
+
+    from training.engine import amp_dtype
+
+    with pytest.raises(CTVLInputError, match="train.amp"):
+        load_config(CONFIGS[0], ["train.amp=fp8"])
+    with pytest.raises(CTVLInputError, match="cpu_amp"):
+        load_config(CONFIGS[0], ["train.amp=fp16", "train.cpu_amp=true"])
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    tc = load_config(CONFIGS[0], ["train.amp=bf16"]).train
+    assert amp_dtype(tc, cpu) is None and amp_dtype(tc, gpu) == torch.bfloat16  # CPU stays fp32 by default
+    tc = load_config(CONFIGS[0], ["train.amp=bf16", "train.cpu_amp=true"]).train
+    assert amp_dtype(tc, cpu) == torch.bfloat16
+    assert amp_dtype(load_config(CONFIGS[0], ["train.amp=fp16"]).train, gpu) == torch.float16
+    assert amp_dtype(load_config(CONFIGS[0], ["train.amp=none"]).train, gpu) is None
+
+
 def test_ct_rate_config_runs_two_steps(tmp_path):
     from training.__main__ import main
 

@@ -29,6 +29,29 @@ def test_loss_falls(data, tmp_path):
     assert summary["snippet_stats"]["kept"] > 0
 
 
+def test_cpu_bf16_autocast_trains(data, tmp_path, monkeypatch):
+    """train.cpu_amp runs the step under bf16 autocast on CPU (off by default) and the loss still falls."""
+    from training import engine
+
+    seen = []
+    real = engine.TrainStep.forward
+
+    def spy(self, batch):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(self, batch)
+
+    monkeypatch.setattr(engine.TrainStep, "forward", spy)
+    over = {"train.max_steps": 12, "data.augment.enabled": "false", "optim.warmup_steps": 1, "train.amp": "bf16"}
+    engine.train(tiny_config(data, **over), tmp_path / "fp32", progress=False)
+    assert seen and not any(seen)
+    seen.clear()
+    summary = engine.train(tiny_config(data, **over, **{"train.cpu_amp": "true"}), tmp_path / "bf16", progress=False)
+    assert seen and all(seen)
+    losses = summary["losses"]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
 def test_grounded_localization_term_is_trained_and_logged(data, tmp_path):
     import csv
 

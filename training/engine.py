@@ -306,6 +306,13 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
+def amp_dtype(tc, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training step: ``train.amp`` on GPU; on CPU bf16 only with ``train.cpu_amp``."""
+    if device.type == "cuda":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)
+    return torch.bfloat16 if tc.cpu_amp else None  # TrainConfig checks that cpu_amp comes with amp: bf16
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -399,9 +406,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         )
     runner = ddp or step_module
     optimizer, scheduler = build_optimizer(model, cfg)
-    amp = tc.amp if device.type == "cuda" else "none"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    autocast_dtype = amp_dtype(tc, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
 
     step, epoch, micro_pos = 0, 0, 0
     if resume:
