@@ -444,3 +444,37 @@ def test_token_localization_scores_ground_the_bins_in_their_tokens(images):
 def test_token_localization_r_is_validated():
     with pytest.raises(CTVLWeightsError, match="token_localization_r"):
         _dense_tiny().replace(token_localization_r=0.0).validate()
+
+
+def test_input_windows_rewindow_the_image_as_extra_channels(images, tmp_path):
+    from ctvl.model.vision import InputWindows
+
+    # hu_window (-1000, 1000): x = 0.25 is -500 HU, 0.52 is 40 HU, 0.85 is 700 HU
+    x = torch.tensor([0.0, 0.25, 0.52, 0.85, 1.0]).reshape(1, 1, 5)
+    out = InputWindows(((-1000.0, -400.0), (-160.0, 240.0), (200.0, 1000.0)), (-1000.0, 1000.0))(x)
+    expect = torch.tensor([[0.0, 0.25, 0.52, 0.85, 1.0],
+                           [0.0, 500 / 600, 1.0, 1.0, 1.0],  # lung window
+                           [0.0, 0.0, 0.5, 1.0, 1.0],  # mediastinal window: 40 HU is its middle
+                           [0.0, 0.0, 0.0, 500 / 800, 1.0]])  # calcium window
+    torch.testing.assert_close(out[0], expect)
+    cfg = tiny_config("hybrid").replace(input_windows_hu=((-1000.0, -400.0), (-160.0, 240.0)))
+    assert cfg.input_channels() == 3 and ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    torch.manual_seed(0)
+    model = CTVLModel(cfg).eval()
+    assert model.vision.tokenizer.net[0].weight.shape[1] == 3
+    with torch.no_grad():  # the windowed channels reach the stem: zeroing their filters changes the output
+        a = model.encode_image(images).pooled
+        model.vision.tokenizer.net[0].weight[:, 1:] = 0
+        b = model.encode_image(images).pooled
+        assert not torch.allclose(a, b)
+    out_dir = save_weights(model, tmp_path / "w")
+    torch.testing.assert_close(load_weights(out_dir).encode_image(images).pooled, b)
+    plain = json.loads((out_dir / "config.json").read_text())
+    plain["input_windows_hu"] = []  # weights of a 3-channel stem under a 1-channel config
+    (out_dir / "config.json").write_text(json.dumps(plain))
+    with pytest.raises(CTVLWeightsError, match="shape mismatch"):
+        load_weights(out_dir)
+    vit = CTVLModel(tiny_config("vit").replace(input_windows_hu=((-160.0, 240.0),)))
+    assert vit.vision.tokenizer.proj.weight.shape[1] == 2 and vit.encode_image(images).tokens.isfinite().all()
+    with pytest.raises(CTVLWeightsError, match="input_windows_hu"):
+        cfg.replace(input_windows_hu=((240.0, -160.0),)).validate()

@@ -38,6 +38,10 @@ class ModelConfig:
     input_shape: tuple[int, int, int] = (96, 80, 80)  # (D, H, W) model voxels: 307 x 352 x 352 mm
     spacing: tuple[float, float, float] = (3.2, 4.4, 4.4)  # (sd, sh, sw) mm
     hu_window: tuple[float, float] = (-1000.0, 1000.0)  # CT-CLIP: calcium/metal stay apart
+    # extra input channels: the hu_window image re-windowed to each (low, high) HU, as a radiologist reads a CT in
+    # lung, mediastinal and bone windows (computed inside the model, so preprocessing and the cache are unchanged;
+    # empty = one channel). A clipped window is a nonlinearity the stem's first (linear) conv cannot make itself.
+    input_windows_hu: tuple[tuple[float, float], ...] = ()
     # vit: patch embedding
     patch_size: tuple[int, int, int] = (4, 8, 8)
     # hybrid: strided conv stages (channels, stride per stage), each conv3x3x3 + GroupNorm + GELU
@@ -99,6 +103,10 @@ class ModelConfig:
             setattr(self, f.name, _tuple(getattr(self, f.name)))
 
     # ---------------------------------------------------------------- geometry
+    def input_channels(self) -> int:
+        """Channels the vision encoder sees: the windowed image and one per `input_windows_hu` entry."""
+        return 1 + len(self.input_windows_hu)
+
     def uses_dense_head(self) -> bool:
         return bool(self.dense_head) and self.encoder == "hybrid"
 
@@ -188,6 +196,9 @@ class ModelConfig:
             bad("text_trainable_layers must be >= 0")
         if self.hu_window[1] <= self.hu_window[0]:
             bad(f"hu_window {self.hu_window} must be (low, high) with low < high")
+        for win in self.input_windows_hu:
+            if len(win) != 2 or win[1] <= win[0]:
+                bad(f"input_windows_hu entry {win} must be (low, high) HU with low < high")
         return self
 
     def to_dict(self) -> dict[str, Any]:

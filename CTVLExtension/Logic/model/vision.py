@@ -68,13 +68,36 @@ def _groups(channels: int) -> int:
     return 1
 
 
+class InputWindows(nn.Module):
+    """x [B,1,...] in [0,1] (HU window `hu_window`) -> [B,1+K,...]: x and x re-windowed to each of K (low, high) HU.
+
+    No parameters: clamp((hu - low) / (high - low), 0, 1) per window, hu = low0 + x * (high0 - low0). Values
+    clipped by `hu_window` stay clipped (a window reaching past it sees the clipped image).
+    """
+
+    def __init__(self, windows_hu: tuple[tuple[float, float], ...], hu_window: tuple[float, float]) -> None:
+        super().__init__()
+        lo0, hi0 = (float(v) for v in hu_window)
+        lows = torch.tensor([float(w[0]) for w in windows_hu], dtype=torch.float32)
+        highs = torch.tensor([float(w[1]) for w in windows_hu], dtype=torch.float32)
+        # channel k = x * scale_k + shift_k, clamped: one fused affine per window
+        self.register_buffer("scale", (hi0 - lo0) / (highs - lows), persistent=False)
+        self.register_buffer("shift", (lo0 - lows) / (highs - lows), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        extra = (x * self.scale.reshape(shape).to(x.dtype) + self.shift.reshape(shape).to(x.dtype)).clamp(0.0, 1.0)
+        return torch.cat([x, extra], dim=1)
+
+
 class ConvStem(nn.Module):
     """Strided 3D conv stages (conv 3x3x3 + GroupNorm + GELU) and a 1x1x1 conv to the embedding dim."""
 
-    def __init__(self, channels: tuple[int, ...], strides: tuple[tuple[int, int, int], ...], embed_dim: int) -> None:
+    def __init__(self, channels: tuple[int, ...], strides: tuple[tuple[int, int, int], ...], embed_dim: int,
+                 in_channels: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        cin = 1
+        cin = in_channels
         for cout, stride in zip(channels, strides):
             layers += [
                 # kernel s+2 with padding 1 centres output t at input s*t + (s-1)/2, the voxel-centre convention
@@ -131,9 +154,9 @@ class DenseHead(nn.Module):
 class PatchEmbed(nn.Module):
     """Non-overlapping (anisotropic allowed) 3D patches -> embed_dim, as a strided conv."""
 
-    def __init__(self, patch_size: tuple[int, int, int], embed_dim: int) -> None:
+    def __init__(self, patch_size: tuple[int, int, int], embed_dim: int, in_channels: int = 1) -> None:
         super().__init__()
-        self.proj = nn.Conv3d(1, embed_dim, kernel_size=tuple(patch_size), stride=tuple(patch_size))
+        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=tuple(patch_size), stride=tuple(patch_size))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x)
@@ -144,16 +167,19 @@ class VisionEncoder(nn.Module):
 
     forward(x [B,1,D,H,W]) -> features [B, d, h, w, C] (after the final LayerNorm); with `return_skip` (hybrid
     only) -> (features, output of stem stage `config.dense_stage` [B, Cs, D', H', W']) for the dense head.
+    With `config.input_windows_hu` the tokenizer sees x and its re-windowed copies (`InputWindows`).
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         c = config.embed_dim
+        cin = config.input_channels()
+        self.windows = InputWindows(config.input_windows_hu, config.hu_window) if cin > 1 else None
         if config.encoder == "vit":
-            self.tokenizer: nn.Module = PatchEmbed(config.patch_size, c)
+            self.tokenizer: nn.Module = PatchEmbed(config.patch_size, c, cin)
         else:
-            self.tokenizer = ConvStem(config.stem_channels, config.stem_strides, c)
+            self.tokenizer = ConvStem(config.stem_channels, config.stem_strides, c, cin)
         self.grid = config.transformer_grid()
         if config.pos_embed == "learnable":
             self.pos_embed = nn.Parameter(sincos_pos_embed_3d(self.grid, c).reshape(1, *self.grid, c).clone())
@@ -182,7 +208,7 @@ class VisionEncoder(nn.Module):
         if self.config.encoder != "hybrid":
             raise ValueError("forward_features needs the hybrid encoder")
         stage = self.config.dense_stage_index() if self.config.uses_dense_head() else None
-        stem, skip = self.tokenizer.stages(x, stage)
+        stem, skip = self.tokenizer.stages(self._channels(x), stage)
         return self._transform(self.tokenizer.net[-1](stem)), skip, stem
 
     def _transform(self, f: Tensor) -> Tensor:
@@ -196,9 +222,13 @@ class VisionEncoder(nn.Module):
                 t = blk(t)
         return self.norm(t).reshape(b, d, h, w, c)
 
+    def _channels(self, x: Tensor) -> Tensor:
+        return self.windows(x) if self.windows is not None else x
+
     def forward(self, x: Tensor, return_skip: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"expected images [B,1,D,H,W], got {tuple(x.shape)}")
+        x = self._channels(x)
         skip = None
         if return_skip:
             if self.config.encoder != "hybrid":
@@ -228,5 +258,5 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["VisionEncoder", "ConvStem", "DenseHead", "PatchEmbed", "Block", "Attention", "sincos_pos_embed_3d",
-           "count_parameters"]
+__all__ = ["VisionEncoder", "ConvStem", "DenseHead", "InputWindows", "PatchEmbed", "Block", "Attention",
+           "sincos_pos_embed_3d", "count_parameters"]
