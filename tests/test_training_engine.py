@@ -30,7 +30,8 @@ def test_loss_falls(data, tmp_path):
 
 
 def test_cpu_bf16_autocast_trains(data, tmp_path, monkeypatch):
-    """train.cpu_amp runs the step under bf16 autocast on CPU (off by default) and the loss still falls."""
+    """train.cpu_amp runs the step under bf16 autocast on CPU (off by default) and the loss still falls (here with
+    an extra input window too); the model card names both."""
     from training import engine
 
     seen = []
@@ -45,11 +46,18 @@ def test_cpu_bf16_autocast_trains(data, tmp_path, monkeypatch):
     engine.train(tiny_config(data, **over), tmp_path / "fp32", progress=False)
     assert seen and not any(seen)
     seen.clear()
-    summary = engine.train(tiny_config(data, **over, **{"train.cpu_amp": "true"}), tmp_path / "bf16", progress=False)
+    over.update({"train.cpu_amp": "true", "model.input_windows_hu": "[[-160, 240]]"})  # and a windowed channel
+    summary = engine.train(tiny_config(data, **over), tmp_path / "bf16", progress=False)
     assert seen and all(seen)
     losses = summary["losses"]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    from training.export import export
+
+    cards = [(export(engine.latest_checkpoint(tmp_path / r), tmp_path / f"w-{r}") / "card.md").read_text()
+             for r in ("fp32", "bf16")]
+    assert "autocast bf16 on GPU (CPU: fp32)" in cards[0] and "autocast bf16 on GPU, bf16 on CPU" in cards[1]
+    assert "re-windowed" not in cards[0] and "re-windowed to [-160.0, 240.0] HU" in cards[1]
 
 
 def test_grounded_localization_term_is_trained_and_logged(data, tmp_path):

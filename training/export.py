@@ -46,13 +46,16 @@ def model_card(ck: dict, eval_report: dict | None) -> str:
            else ""),
         "- depth-bin text scores: " + ("mean of the bin embedding's and its tokens' (grounded) scores"
                                        if mc.get("token_localization") else "bin embedding"),
+        "- input channels: the windowed image" + "".join(f", re-windowed to {[float(v) for v in w]} HU"
+                                                         for w in mc.get("input_windows_hu") or ()),
         "",
         "## Training data",
         f"- {cfg.data.root} split '{cfg.data.train_split}' (CT-RATE layout)"
         + (f", phantom corpus generated with ctvl.phantom ({cfg.data.generate.splits})"
            if cfg.data.generate.enabled else ""),
         f"- config '{cfg.name}': {ck['step']} steps, batch {cfg.train.batch_size} x {ck.get('world_size', 1)} "
-        f"process(es) x accumulation {cfg.train.grad_accum}, lr {cfg.optim.lr}",
+        f"process(es) x accumulation {cfg.train.grad_accum}, lr {cfg.optim.lr}, autocast {cfg.train.amp} on GPU"
+        + (", bf16 on CPU" if cfg.train.cpu_amp else " (CPU: fp32)"),
         "- objectives: " + ", ".join(
             f"{k}{' (report-guided)' if k == 'mil' and cfg.loss.mil.guided else ''} "
             f"(weight {getattr(cfg.loss, k).weight})"
