@@ -54,6 +54,17 @@ def test_mixed_precision_settings_are_checked():
     assert amp_dtype(load_config(CONFIGS[0], ["train.amp=none"]).train, gpu) is None
 
 
+def test_cpu_bf16_support_is_read_from_the_cpu_flags(tmp_path):
+    from training.utils import cpu_has_native_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n\nprocessor\t: 1\n")
+    assert cpu_has_native_bf16(info) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert cpu_has_native_bf16(info) is False
+    assert cpu_has_native_bf16(tmp_path / "missing") is None
+
+
 def test_ct_rate_config_runs_two_steps(tmp_path):
     from training.__main__ import main
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from training import augment
 from training.config import Config, save_config
-from training.utils import atomic_torch_save, atomic_write_bytes, dist_info
+from training.utils import atomic_torch_save, atomic_write_bytes, cpu_has_native_bf16, dist_info
 
 log = logging.getLogger(__name__)
 
@@ -407,6 +407,9 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     runner = ddp or step_module
     optimizer, scheduler = build_optimizer(model, cfg)
     autocast_dtype = amp_dtype(tc, device)
+    if main and device.type == "cpu" and autocast_dtype is not None and cpu_has_native_bf16() is False:
+        log.warning("train.cpu_amp: this CPU has no avx512_bf16/amx_bf16, so bf16 autocast is emulated and likely "
+                    "slower than fp32; set train.cpu_amp: false")
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
 
     step, epoch, micro_pos = 0, 0, 0

@@ -1,4 +1,4 @@
-"""Small shared helpers for training: atomic writes, distributed info."""
+"""Small shared helpers for training: atomic writes, distributed info, CPU bf16 support."""
 
 from __future__ import annotations
 
@@ -21,3 +21,17 @@ def dist_info() -> tuple[int, int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
+    """True if the CPU flags list avx512_bf16 or amx_bf16 (bf16 math in hardware), False if not, None if unknown
+    (no /proc/cpuinfo: macOS, Windows)."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
