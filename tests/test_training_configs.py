@@ -63,6 +63,8 @@ def test_cpu_bf16_support_is_read_from_the_cpu_flags(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
     assert cpu_has_native_bf16(info) is False
     assert cpu_has_native_bf16(tmp_path / "missing") is None
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")  # ARM: no x86 flags line, no guess
+    assert cpu_has_native_bf16(info) is None
 
 
 def test_ct_rate_config_runs_two_steps(tmp_path):

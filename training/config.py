@@ -110,8 +110,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "bf16"  # none | bf16 | fp16 on GPU; CPU runs fp32 unless cpu_amp
-    # bf16 autocast on CPU too (amp must be bf16): on a CPU with avx512_bf16 or AMX the demo step runs 1.6x faster
-    # (benchmarks/train_step_speed.py --override train.cpu_amp=true); without them bf16 is emulated and slower
+    # bf16 autocast on CPU too (amp must be bf16): on a CPU with avx512_bf16 or AMX the demo step runs 1.5x faster
+    # (2.71 -> 1.81 s, benchmarks/train_step_speed.py --override train.cpu_amp=true); without them it is emulated
+    # and slower
     cpu_amp: bool = False
     grad_checkpointing: bool = False
     checkpoint_every: int = 100

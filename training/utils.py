@@ -24,14 +24,13 @@ def dist_info() -> tuple[int, int, int]:
 
 
 def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
-    """True if the CPU flags list avx512_bf16 or amx_bf16 (bf16 math in hardware), False if not, None if unknown
-    (no /proc/cpuinfo: macOS, Windows)."""
+    """True if the x86 CPU flags list avx512_bf16 or amx_bf16 (bf16 math in hardware), False if not, None if
+    unknown (no /proc/cpuinfo, as on macOS and Windows, or no x86 "flags" line, as on ARM)."""
     try:
         text = Path(cpuinfo).read_text(errors="replace")
     except OSError:
         return None
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    flags = [line.partition(":")[2].split() for line in text.splitlines() if line.startswith("flags")]
+    if not flags:
+        return None
+    return bool({f for line in flags for f in line} & {"avx512_bf16", "amx_bf16"})
