@@ -5,8 +5,8 @@
 Trains phantom-demo three times with the same seed, data and step budget — SigLIP only; + disease prompts
 (pooled and token-level MIL); + snippet-slice localization, on the bin embeddings and the tokens (the full recipe)
 — then evaluates each on the held-out split exactly as benchmarks/quality.py does. Costs about
-3 x (steps x 1.9 s + 3 min) on 2 CPU cores with the recipe's bf16 CPU autocast (160 steps: about 24 min; the
-embedded model's full recipe runs 1700). The committed rows were trained in fp32, before train.cpu_amp.
+3 x (steps x 1.9 s + 3 min) on 2 CPU cores with the recipe's bf16 CPU autocast (160 steps: about 17 min
+measured; the embedded model's full recipe runs 1700).
 Prints a table and writes benchmarks/results/ablation.json; `--only` re-runs some variants and keeps the other
 rows, `--eval-only` re-evaluates the exported weights of earlier runs (after a change of the metrics).
 """
