@@ -45,5 +45,7 @@ def headline(report: dict) -> dict[str, float | None]:
         "loc_within_pct": loc.get("within_range_pct"),
         "pointing_game": h.get("pointing_game"),
         "pointing_game_per_finding": h.get("pointing_game_per_finding"),
+        "pointing_within_tolerance": h.get("pointing_game_within_tolerance"),
+        "median_peak_distance_mm": h.get("median_peak_distance_mm"),
         "mass_in_mask": h.get("mass_in_mask"),
     }

@@ -30,7 +30,8 @@ def synthetic_batch(model, batch: int, rng: np.random.Generator, device: torch.d
     texts = [" ".join(rng.choice(FINDINGS, 4, replace=False)) for _ in range(batch)]
     snippets = [str(rng.choice(FINDINGS)) for _ in range(4 * batch)]
     return {
-        "image": torch.rand(batch, 1, *cfg.input_shape, device=device),
+        # image + the blobness channels that training reads precomputed from its cache (training.data)
+        "image": torch.rand(batch, 1 + len(cfg.input_blob_scales_mm), *cfg.input_shape, device=device),
         "text": texts,
         "labels": torch.from_numpy(rng.integers(0, 2, (batch, 18)).astype(np.float32)).to(device),
         "bin_valid": torch.ones(batch, n_bins, dtype=torch.bool, device=device),

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import RESULTS
+from training.evaluate import POINTING_TOLERANCE_MM
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -42,6 +43,9 @@ def quality_section(q: dict) -> list[str]:
             ("snippet localization, within finding's slices (%)", "loc_within_pct", 1, "≥ 70"),
             ("pointing game, focal findings (per volume and label)", "pointing_game", 3, "≥ 0.7"),
             ("pointing game, per finding (stricter)", "pointing_game_per_finding", 3, ""),
+            (f"heatmap peak within {POINTING_TOLERANCE_MM:g} mm of the finding (per volume and label; not the target)",
+             "pointing_within_tolerance", 3, ""),
+            ("heatmap peak's distance to the finding, median (mm)", "median_peak_distance_mm", 1, ""),
             ("heatmap mass in mask", "mass_in_mask", 3, "")]
     out = [f"Held-out phantom split `{q['split']}` (seed never used in training), thresholds fixed on "
            f"`{q['val_split']}`; `python -m benchmarks.quality`:", "",

@@ -53,3 +53,11 @@ def test_sampled_parameters_respect_the_config():
     assert not off.any()
     half = np.stack([augment.sample_params(AugmentConfig(prob=0.5), np.random.default_rng(i)) for i in range(400)])
     assert 0.4 < (half[:, 0] != 0).mean() < 0.6  # each augmentation on about half the time
+
+
+def test_blobness_channels_take_the_scale_and_shift_not_the_offset_or_noise():
+    x = torch.rand(1, 3, 4, 6, 5)  # image + two precomputed blobness channels
+    out = augment.apply(x, _params(scale=0.1, shift=-0.05, std=0.02, seed=3, dy=1)[None])
+    moved = augment._shift_plane(x[0], 1, 0)
+    torch.testing.assert_close(out[0, 1:], moved[1:] * 1.1)  # blobness is linear in the intensity scale
+    assert (out[0, 0] - (moved[0] * 1.1 - 0.05)).abs().max() > 1e-3  # the image gets offset and noise

@@ -478,3 +478,56 @@ def test_input_windows_rewindow_the_image_as_extra_channels(images, tmp_path):
     assert vit.vision.tokenizer.proj.weight.shape[1] == 2 and vit.encode_image(images).tokens.isfinite().all()
     with pytest.raises(CTVLWeightsError, match="input_windows_hu"):
         cfg.replace(input_windows_hu=((240.0, -160.0),)).validate()
+
+
+def test_blobness_answers_a_ball_not_a_tube_of_the_same_radius():
+    from ctvl.model.blobness import HessianBlobness, symmetric_eigenvalues
+
+    a = torch.randn(500, 3, 3, dtype=torch.float64)
+    a = a + a.transpose(1, 2)
+    got = torch.stack(symmetric_eigenvalues(a[:, 0, 0], a[:, 1, 1], a[:, 2, 2], a[:, 0, 1], a[:, 0, 2], a[:, 1, 2]), -1)
+    torch.testing.assert_close(got, torch.linalg.eigvalsh(a))
+    spacing = (3.2, 4.4, 4.4)
+    d, h, w = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in (40, 32, 32)], indexing="ij")
+    zd, yh, xw = (d - 20) * spacing[0], (h - 16) * spacing[1], (w - 16) * spacing[2]
+    lung = 0.08  # -840 HU in the [-1000, 1000] window; soft tissue (+40 HU) is 0.52
+    ball = lung + 0.44 * (zd**2 + yh**2 + xw**2 < 6.0**2).float()  # a 12-mm nodule
+    tube = lung + 0.44 * (zd**2 + yh**2 < 6.0**2).float()  # a 12-mm vessel along w, through the same point
+    filt = HessianBlobness((3.0, 6.0), spacing)
+    out = filt(torch.stack([ball, tube])[:, None])
+    assert out.shape == (2, 2, 40, 32, 32) and (out >= 0).all()
+    centre = out[:, :, 20, 16, 16]
+    assert (centre[0] > 0.3).all(), centre  # the nodule reads ~ 1 at its centre
+    assert (centre[1] < 0.05 * centre[0]).all(), centre  # the vessel, ~ 0
+    assert out[1].amax() < 0.2 * out[0].amax()
+    flat = filt(torch.full((1, 1, 40, 32, 32), 0.3))
+    assert flat.abs().max() < 1e-4  # nothing on a uniform image
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # computed in float32 whatever the autocast
+        torch.testing.assert_close(filt(ball[None, None]), out[:1], rtol=1e-4, atol=1e-4)  # bf16: ~1e-2 off
+
+
+def test_blobness_channels_are_computed_or_taken_precomputed(images, tmp_path):
+    cfg = tiny_config("hybrid").replace(input_blob_scales_mm=(3.0, 6.0), density_edges_hu=(-500.0,))
+    assert cfg.input_channels() == 3 and ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    torch.manual_seed(0)
+    model = CTVLModel(cfg).eval()
+    assert model.vision.tokenizer.net[0].weight.shape[1] == 3
+    with torch.no_grad():
+        alone = model.encode_image(images)
+        blobs = model.vision.blobs(images)
+        given = model.encode_image(torch.cat([images, blobs], dim=1))  # the training cache's layout
+        torch.testing.assert_close(given.pooled, alone.pooled)
+        torch.testing.assert_close(given.tokens, alone.tokens)
+        changed = model.encode_image(torch.cat([images, blobs * 0 + 1], dim=1)).pooled
+        assert not torch.allclose(changed, alone.pooled)  # the channels reach the stem
+        with pytest.raises(ValueError, match="expected images"):
+            model.encode_image(torch.cat([images, blobs[:, :1]], dim=1))
+    out_dir = save_weights(model, tmp_path / "w")
+    torch.testing.assert_close(load_weights(out_dir).encode_image(images).pooled, alone.pooled)
+    plain = json.loads((out_dir / "config.json").read_text())
+    plain["input_blob_scales_mm"] = []  # weights of a 3-channel stem under a 1-channel config
+    (out_dir / "config.json").write_text(json.dumps(plain))
+    with pytest.raises(CTVLWeightsError, match="shape mismatch"):
+        load_weights(out_dir)
+    with pytest.raises(CTVLWeightsError, match="input_blob_scales_mm"):
+        cfg.replace(input_blob_scales_mm=(0.0,)).validate()

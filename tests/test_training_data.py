@@ -162,3 +162,23 @@ def test_items_carry_the_labels_their_cited_snippets_name(data):
     rows = [(b, lab, pos) for b in range(len(ds)) for lab, pos in ds[b]["guide"]]
     assert batch["guide"].shape == (len(rows), 3)
     assert batch["guide"].tolist() == [list(map(float, row)) for row in rows]
+
+
+def test_blobness_channels_come_from_a_sidecar_cache(data):
+    from training.data import blob_channels
+
+    plain = _ds(data)
+    pre = Preprocess(PRE.spacing, PRE.shape, PRE.hu_window, blob_scales_mm=(8.0, 16.0))
+    assert pre.key() == PRE.key()  # the image cache is shared
+    ds = CTRateDataset(data, "train", pre, bin_depth=2)
+    ds.prepare(workers=1, progress=False)
+    sidecars = sorted(ds.cache_dir.glob("*.blob-*.npy"))
+    assert len(sidecars) == len(ds.records)
+    item, ref = ds[0], plain[0]
+    assert item["image"].shape == (3, *PRE.shape) and item["image"].dtype == torch.float16
+    torch.testing.assert_close(item["image"][:1], ref["image"])
+    expect = torch.from_numpy(blob_channels(ref["image"][0].numpy(), pre))
+    torch.testing.assert_close(item["image"][1:], expect)
+    assert collate([ds[0], ds[1]])["image"].shape == (2, 3, *PRE.shape)
+    sidecars[0].write_bytes(b"not an array")  # a damaged sidecar is recomputed, not fatal
+    assert all(ds[i] is not None for i in range(len(ds))) and not ds.bad

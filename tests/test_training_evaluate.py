@@ -40,6 +40,7 @@ def test_model_report(setup):
     assert h["n_findings"] >= 1 and 0 <= h["pointing_game"] <= 1 and 0 <= h["mass_in_mask"] <= 1
     assert h["n_volume_labels"] <= h["n_findings"] and set(h["per_label"]) <= set(LABELS)
     assert sum(r["n"] for r in h["per_label"].values()) == h["n_volume_labels"]
+    assert h["pointing_game"] <= h["pointing_game_within_tolerance"] <= 1 and h["median_peak_distance_mm"] >= 0
     loc = rep["localization"]
     assert sum(r["n"] for r in loc["per_label"].values()) == loc["n_pairs"]
     table = format_table(rep)
@@ -57,12 +58,14 @@ def test_pointing_counts_a_hit_on_any_instance_of_the_label_and_per_finding():
     heat[2, 4, 4] = 3.0  # peak on B
     heat[1, 1, 1] = 1.0
     row, hits = pointing(heat, mask, [5, 7])
-    assert row["hit"] and hits == [False, True]
+    assert row["hit"] and hits == [False, True] and row["peak_distance_mm"] == 0.0
     assert row["mask_fraction"] == (mask > 0).mean()
     pos = np.maximum(heat - heat.mean(), 0)
     assert row["mass_in_mask"] == pytest.approx(pos[mask > 0].sum() / pos.sum())
-    row, hits = pointing(heat, mask, [5])  # the peak misses the only instance
+    row, hits = pointing(heat, mask, [5], spacing=(2.5, 1.5, 1.5))  # the peak misses the only instance
     assert not row["hit"] and hits == [False]
+    # nearest voxel of A to the peak (2, 4, 4) is (1, 2, 2): (1, 2, 2) voxels at (2.5, 1.5, 1.5) mm
+    assert row["peak_distance_mm"] == pytest.approx(np.sqrt(2.5**2 + 2 * 3.0**2))
     row, hits = pointing(heat, mask, [9])  # label absent from the mask
     assert row is None and hits == []
 

@@ -59,7 +59,8 @@ def _shift_plane(x: Tensor, dy: int, dx: int) -> Tensor:
 
 
 def apply(images: Tensor, params: Tensor | None) -> Tensor:
-    """images [B,C,D,H,W] (any float dtype, on the training device) -> float32 with each row of params applied.
+    """images [B,C,D,H,W] (any float dtype, on the training device) -> float32 with each row of params applied
+    (intensity offset and noise to channel 0, the image; scale and translation to every channel).
 
     params [B, N_PARAMS] (float64, any device) from `sample_params`; None or all-zero rows leave images unchanged.
     """
@@ -72,7 +73,10 @@ def apply(images: Tensor, params: Tensor | None) -> Tensor:
     b = x.shape[0]
     scale = (1.0 + p[:, 0]).to(x.device, x.dtype).view(b, *([1] * (x.ndim - 1)))
     offset = p[:, 1].to(x.device, x.dtype).view(b, *([1] * (x.ndim - 1)))
-    x = x * scale + offset
+    # channel 0 is the image; later channels (precomputed blobness) are homogeneous in the intensity: they take the
+    # scale and the translation, not the offset or the noise
+    x = x * scale
+    x[:, :1] += offset
     rows = p.tolist()
     out = []
     for i in range(b):
@@ -81,7 +85,8 @@ def apply(images: Tensor, params: Tensor | None) -> Tensor:
         if std > 0:
             gen = torch.Generator(device=x.device)
             gen.manual_seed(seed)
-            xi = xi + std * torch.randn(xi.shape, generator=gen, device=x.device, dtype=x.dtype)
+            noise = std * torch.randn(xi[:1].shape, generator=gen, device=x.device, dtype=x.dtype)
+            xi = torch.cat([xi[:1] + noise, xi[1:]])
         if dy or dx:
             xi = _shift_plane(xi, dy, dx)
         out.append(xi)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ LABEL_INDEX = {lab: i for i, lab in enumerate(LABELS)}
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+BLOB_VERSION = 1  # bump when ctvl.model.blobness changes its output
 
 
 # ----------------------------------------------------------------------------------------------- layout / CSVs
@@ -138,11 +140,16 @@ def load_ctrate_volume(path: Path, meta: dict[str, str] | None):
 
 @dataclass(frozen=True)
 class Preprocess:
-    """The model grid: spacing (sd, sh, sw) mm, shape (D, H, W), HU window."""
+    """The model grid: spacing (sd, sh, sw) mm, shape (D, H, W), HU window; blobness scales (mm) of extra channels.
+
+    The image cache depends on the grid and window only (`key`); blobness channels live in a sidecar file per
+    scale set (`blob_key`), computed from the cached image, so switching them on reuses the image cache.
+    """
 
     spacing: tuple[float, float, float]
     shape: tuple[int, int, int]
     hu_window: tuple[float, float]
+    blob_scales_mm: tuple[float, ...] = ()
 
     @classmethod
     def from_model_config(cls, mc: Any) -> Preprocess:
@@ -151,11 +158,49 @@ class Preprocess:
             tuple(float(x) for x in get("spacing")),
             tuple(int(x) for x in get("input_shape")),
             tuple(float(x) for x in get("hu_window")),
+            tuple(float(x) for x in get("input_blob_scales_mm", ()) or ()),
         )
 
     def key(self) -> str:
         text = json.dumps([CACHE_VERSION, self.spacing, self.shape, self.hu_window])
         return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+    def blob_key(self) -> str:
+        text = json.dumps([BLOB_VERSION, self.spacing, self.blob_scales_mm])
+        return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def blob_channels(arr: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """float16 [S,D,H,W]: `ctvl.model.blobness.HessianBlobness` of the cached image [D,H,W] at each scale."""
+    from ctvl.model.blobness import HessianBlobness
+
+    with torch.no_grad():
+        x = torch.from_numpy(np.asarray(arr, dtype=np.float32))[None, None]
+        out = HessianBlobness(pre.blob_scales_mm, pre.spacing)(x)[0]
+    return out.numpy().astype(np.float16)
+
+
+def _blob_path(cache_dir: Path, key: str, pre: Preprocess) -> Path:
+    return cache_dir / f"{key}.blob-{pre.blob_key()}.npy"
+
+
+def _ensure_blobs(cache_dir: Path, key: str, arr: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """The blobness sidecar of one cached image: read, or computed and written (atomic) when missing or damaged."""
+    from training.utils import atomic_write_bytes
+
+    path = _blob_path(cache_dir, key, pre)
+    if path.is_file():
+        try:
+            blobs = np.load(path)
+            if tuple(blobs.shape) == (len(pre.blob_scales_mm), *pre.shape):
+                return blobs
+        except (OSError, ValueError) as exc:  # damaged or truncated: recompute
+            log.warning("recomputing blobness sidecar %s: %s", path.name, exc)
+    blobs = blob_channels(arr, pre)
+    buf = io.BytesIO()
+    np.save(buf, blobs)
+    atomic_write_bytes(path, buf.getvalue())
+    return blobs
 
 
 def cache_key(path: Path, pre: Preprocess) -> str:
@@ -182,8 +227,6 @@ def preprocess_volume(path: Path, meta: dict | None, pre: Preprocess) -> tuple[n
 
 
 def _save_cache(cache_dir: Path, key: str, arr: np.ndarray, info: dict) -> None:
-    import io
-
     from training.utils import atomic_write_bytes
 
     buf = io.BytesIO()
@@ -198,9 +241,13 @@ def _cache_one(args: tuple) -> tuple[str, str | None]:
     try:
         key = cache_key(path, pre)
         if (cache_dir / f"{key}.json").is_file() and (cache_dir / f"{key}.npy").is_file():
+            if pre.blob_scales_mm and not _blob_path(cache_dir, key, pre).is_file():
+                _ensure_blobs(cache_dir, key, np.load(cache_dir / f"{key}.npy"), pre)
             return name, None
         arr, info = preprocess_volume(path, meta, pre)
         _save_cache(cache_dir, key, arr, info)
+        if pre.blob_scales_mm:
+            _ensure_blobs(cache_dir, key, arr, pre)
         return name, None
     except Exception as exc:  # noqa: BLE001 - any unreadable volume is skipped, never fatal
         return name, f"{type(exc).__name__}: {exc}"
@@ -299,7 +346,7 @@ class CTRateDataset(torch.utils.data.Dataset):
             jobs.append((r.name, r.path, r.meta, self.pre, self.cache_dir))
         desc = f"cache {self.split}"
         if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with ProcessPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
                 results = list(tqdm(pool.map(_cache_one, jobs), total=len(jobs), desc=desc, disable=not progress))
         else:
             results = [_cache_one(j) for j in tqdm(jobs, desc=desc, disable=not progress)]
@@ -413,6 +460,8 @@ class CTRateDataset(torch.utils.data.Dataset):
                 arr = np.load(path)
             if tuple(arr.shape) != tuple(self.pre.shape):
                 raise ValueError(f"cached shape {arr.shape} != {self.pre.shape}")
+            if self.pre.blob_scales_mm:  # [1+S,D,H,W]: image and its blobness channels
+                return np.concatenate([arr[None], _ensure_blobs(self.cache_dir, key, arr, self.pre)])
             return arr
         except Exception as exc:  # noqa: BLE001 - skip, never crash mid-epoch
             self._mark_bad(r.name, f"{type(exc).__name__}: {exc}")
@@ -431,7 +480,9 @@ class CTRateDataset(torch.utils.data.Dataset):
         if arr is None:
             return None
         r = self.records[index]
-        image = torch.from_numpy(np.asarray(arr, dtype=np.float16))[None]  # float16: half the IPC bytes
+        image = torch.from_numpy(np.asarray(arr, dtype=np.float16))  # float16: half the IPC bytes
+        if image.ndim == 3:
+            image = image[None]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         aug = IDENTITY
         if self.augment_cfg is not None and self.augment_cfg.enabled:

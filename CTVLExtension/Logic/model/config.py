@@ -42,6 +42,10 @@ class ModelConfig:
     # lung, mediastinal and bone windows (computed inside the model, so preprocessing and the cache are unchanged;
     # empty = one channel). A clipped window is a nonlinearity the stem's first (linear) conv cannot make itself.
     input_windows_hu: tuple[tuple[float, float], ...] = ()
+    # extra input channels: Hessian blobness at each scale (mm; ctvl.model.blobness), the classical CAD nodule
+    # filter that answers bright 3D blobs and not the vessels that look like them in one slice; empty = off.
+    # Training reads them from the preprocessing cache (training.data); given the image alone, the model computes them
+    input_blob_scales_mm: tuple[float, ...] = ()
     # vit: patch embedding
     patch_size: tuple[int, int, int] = (4, 8, 8)
     # hybrid: strided conv stages (channels, stride per stage), each conv3x3x3 + GroupNorm + GELU
@@ -104,8 +108,9 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- geometry
     def input_channels(self) -> int:
-        """Channels the vision encoder sees: the windowed image and one per `input_windows_hu` entry."""
-        return 1 + len(self.input_windows_hu)
+        """Channels the vision encoder sees: the windowed image, one per `input_windows_hu` entry and one per
+        `input_blob_scales_mm` entry."""
+        return 1 + len(self.input_windows_hu) + len(self.input_blob_scales_mm)
 
     def uses_dense_head(self) -> bool:
         return bool(self.dense_head) and self.encoder == "hybrid"
@@ -196,6 +201,8 @@ class ModelConfig:
             bad("text_trainable_layers must be >= 0")
         if self.hu_window[1] <= self.hu_window[0]:
             bad(f"hu_window {self.hu_window} must be (low, high) with low < high")
+        if any(float(s) <= 0 for s in self.input_blob_scales_mm):
+            bad(f"input_blob_scales_mm {list(self.input_blob_scales_mm)} must be positive (mm)")
         for win in self.input_windows_hu:
             if len(win) != 2 or win[1] <= win[0]:
                 bad(f"input_windows_hu entry {win} must be (low, high) HU with low < high")

@@ -306,7 +306,8 @@ class CTVLModel(nn.Module):
 
     # ------------------------------------------------------------------ image
     def encode_image(self, x: Tensor) -> ImageEmbeddings:
-        """x [B,1,D,H,W] (windowed to [0,1], model grid) -> ImageEmbeddings on the `config.token_grid()` grid."""
+        """x [B,1,D,H,W] (windowed to [0,1], model grid; [B,1+S,...] with S precomputed blobness channels, see
+        `VisionEncoder`) -> ImageEmbeddings on the `config.token_grid()` grid."""
         stem = None
         if self.cnn_branch is not None:
             feats, skip, stem = self.vision.forward_features(x)
@@ -366,7 +367,7 @@ class CTVLModel(nn.Module):
         embedding [B,E]), or None without `config.density_edges_hu`."""
         if self.density is None:
             return None
-        frac = self.density.pool(x, self.config.downsample())  # [B,K,d,h,w]
+        frac = self.density.pool(x[:, :1], self.config.downsample())  # [B,K,d,h,w] of the image channel
         if tuple(frac.shape[2:]) != tuple(grid):
             frac = F.adaptive_avg_pool3d(frac, tuple(grid))
         frac = frac.to(self.logit_scale.dtype)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from ctvl.model.blobness import HessianBlobness
 from ctvl.model.config import ModelConfig
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -167,7 +168,10 @@ class VisionEncoder(nn.Module):
 
     forward(x [B,1,D,H,W]) -> features [B, d, h, w, C] (after the final LayerNorm); with `return_skip` (hybrid
     only) -> (features, output of stem stage `config.dense_stage` [B, Cs, D', H', W']) for the dense head.
-    With `config.input_windows_hu` the tokenizer sees x and its re-windowed copies (`InputWindows`).
+    With `config.input_windows_hu` the tokenizer sees x and its re-windowed copies (`InputWindows`); with
+    `config.input_blob_scales_mm` also its Hessian blobness (`HessianBlobness`), computed here from x [B,1,...] or
+    given precomputed after the image, x [B,1+S,...] (the training cache stores them: ~0.15 s per volume and scale
+    pair on one CPU thread, too slow to repeat in every step).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -175,7 +179,9 @@ class VisionEncoder(nn.Module):
         self.config = config
         c = config.embed_dim
         cin = config.input_channels()
-        self.windows = InputWindows(config.input_windows_hu, config.hu_window) if cin > 1 else None
+        self.windows = InputWindows(config.input_windows_hu, config.hu_window) if config.input_windows_hu else None
+        self.blobs = (HessianBlobness(config.input_blob_scales_mm, config.spacing)
+                      if config.input_blob_scales_mm else None)
         if config.encoder == "vit":
             self.tokenizer: nn.Module = PatchEmbed(config.patch_size, c, cin)
         else:
@@ -223,11 +229,18 @@ class VisionEncoder(nn.Module):
         return self.norm(t).reshape(b, d, h, w, c)
 
     def _channels(self, x: Tensor) -> Tensor:
-        return self.windows(x) if self.windows is not None else x
+        """[B,1,...] image or [B,1+S,...] image + precomputed blobness -> the tokenizer's input channels."""
+        n_blob = len(self.config.input_blob_scales_mm)
+        if x.ndim != 5 or x.shape[1] not in ({1, 1 + n_blob}):
+            want = "[B,1,D,H,W]" + (f" or [B,{1 + n_blob},D,H,W]" if n_blob else "")
+            raise ValueError(f"expected images {want}, got {tuple(x.shape)}")
+        image, blobs = x[:, :1], x[:, 1:]
+        if self.blobs is not None and blobs.shape[1] == 0:
+            blobs = self.blobs(image)
+        parts = [self.windows(image) if self.windows is not None else image]
+        return torch.cat(parts + [blobs.to(image.dtype)], dim=1) if blobs.shape[1] else parts[0]
 
     def forward(self, x: Tensor, return_skip: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        if x.ndim != 5 or x.shape[1] != 1:
-            raise ValueError(f"expected images [B,1,D,H,W], got {tuple(x.shape)}")
         x = self._channels(x)
         skip = None
         if return_skip:
