@@ -231,7 +231,7 @@ class VisionEncoder(nn.Module):
     def _channels(self, x: Tensor) -> Tensor:
         """[B,1,...] image or [B,1+S,...] image + precomputed blobness -> the tokenizer's input channels."""
         n_blob = len(self.config.input_blob_scales_mm)
-        if x.ndim != 5 or x.shape[1] not in ({1, 1 + n_blob}):
+        if x.ndim != 5 or x.shape[1] not in (1, 1 + n_blob):
             want = "[B,1,D,H,W]" + (f" or [B,{1 + n_blob},D,H,W]" if n_blob else "")
             raise ValueError(f"expected images {want}, got {tuple(x.shape)}")
         image, blobs = x[:, :1], x[:, 1:]
