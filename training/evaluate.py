@@ -383,6 +383,7 @@ def _summarise_points(rows: list[dict], finding_rows: list[dict]) -> dict:
     (stricter: a volume with two nodules can score at most one hit with one maximum)."""
     if not rows:
         return {"n_findings": 0}
+    distances = _group(rows, "label", "peak_distance_mm")
     return {
         "n_findings": len(finding_rows),
         "n_volume_labels": len(rows),
@@ -395,7 +396,7 @@ def _summarise_points(rows: list[dict], finding_rows: list[dict]) -> dict:
         "mass_in_mask": float(np.mean([r["mass_in_mask"] for r in rows])),
         "mask_fraction": float(np.mean([r["mask_fraction"] for r in rows])),
         "per_label": {lab: {"n": len(hits), "pointing_game": float(np.mean(hits)),
-                            "median_peak_distance_mm": float(np.median(_group(rows, "label", "peak_distance_mm")[lab]))}
+                            "median_peak_distance_mm": float(np.median(distances[lab]))}
                       for lab, hits in sorted(_group(rows, "label", "hit").items())},
     }
 
