@@ -211,6 +211,30 @@ def test_tiny_real_model_end_to_end_and_weights_round_trip(tmp_path: Path):
         load_model(corrupt, device="cpu")
 
 
+
+def test_local_label_tokens_feed_label_heatmaps_and_probabilities():
+    from ctvl.model.config import tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config().replace(dense_head=True, mil_disease=True, dense_stage=0, dense_dim=8, mil_local=True)
+    model = model_mod.CTVLModel(cfg).eval()
+    vol = lesion_volume("lps", shape_kji=(40, 30, 30), spacing_ijk=(8.0, 8.0, 8.0))  # 320 mm: several windows
+    enc = encode(vol, model)
+    assert enc.model_shape[0] > cfg.input_shape[0]
+    assert enc.label_tokens is not None and enc.label_tokens.shape == enc.tokens.shape
+    pos, neg = enc.prompt_embeddings(["Lung nodule"])
+    with torch.no_grad():
+        z = model.disease_heatmap_logits(enc.label_tokens[None], ["Lung nodule"], pos, neg)[0, 0]
+        free = model.heatmap_logits(enc.tokens[None], enc.text_embedding("a mass"))[0]
+    torch.testing.assert_close(enc.token_scores("Lung nodule"), z)
+    torch.testing.assert_close(enc.token_scores("a mass"), free)  # free text keeps the dense tokens
+    p = enc.disease_probabilities(["Lung nodule"])["Lung nodule"]
+    with torch.no_grad():
+        mask = torch.as_tensor(enc.valid_bins())[None]
+        want = torch.sigmoid(model.final_disease_logits(enc.pooled[None], pos, neg, ["Lung nodule"],
+                                                        tokens=enc.label_tokens[None], mask=mask))
+    assert p == pytest.approx(float(want), abs=1e-5)
+
 DEMO = Path(__file__).resolve().parents[1] / "CTVLExtension" / "Logic" / "weights" / "demo"
 
 

@@ -529,3 +529,95 @@ def test_blobness_channels_are_computed_or_taken_precomputed(images, tmp_path):
         load_weights(out_dir)
     with pytest.raises(CTVLWeightsError, match="input_blob_scales_mm"):
         cfg.replace(input_blob_scales_mm=(0.0,)).validate()
+
+
+def test_stem_residual_blocks_start_as_identity_train_and_round_trip(images, tmp_path):
+    from ctvl.model.vision import ResidualConv
+
+    cfg = _dense_tiny().replace(stem_blocks=(2, 1))
+    assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    torch.manual_seed(0)
+    model = CTVLModel(cfg).eval()
+    stem = model.vision.tokenizer
+    blocks = [m for m in stem.net if isinstance(m, ResidualConv)]
+    assert len(blocks) == 3
+    # a new block is the identity, so the stem computes what the same stem without blocks computes
+    plain = CTVLModel(_dense_tiny()).eval()
+    plain_stem = plain.vision.tokenizer
+    convs = [m for m in stem.net if isinstance(m, (torch.nn.Conv3d, torch.nn.GroupNorm))
+             and not any(m is b.conv or m is b.norm for b in blocks)]
+    for mine, theirs in zip(convs, [m for m in plain_stem.net if isinstance(m, (torch.nn.Conv3d, torch.nn.GroupNorm))]):
+        theirs.load_state_dict(mine.state_dict())
+    x = model.vision._channels(images)
+    with torch.no_grad():
+        last, skip = stem.stages(x, return_stage=cfg.dense_stage_index())
+        want_last, want_skip = plain_stem.stages(x, return_stage=cfg.dense_stage_index())
+    torch.testing.assert_close(last, want_last)
+    torch.testing.assert_close(skip, want_skip)
+    # ... and the blocks learn: the norm scale gets a gradient at once (the conv once that scale is not 0)
+    model.train()
+    out = model.encode_image(images).pooled.square().sum()
+    out.backward()
+    assert all(b.norm.weight.grad.abs().sum() > 0 for b in blocks)
+    # round trip; weights with blocks refuse a config without them
+    out_dir = save_weights(model.eval(), tmp_path / "w")
+    with torch.no_grad():
+        torch.testing.assert_close(load_weights(out_dir).encode_image(images).pooled, model.encode_image(images).pooled)
+    raw = json.loads((out_dir / "config.json").read_text())
+    raw["stem_blocks"] = []
+    (out_dir / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CTVLWeightsError, match="unexpected"):
+        load_weights(out_dir)
+    with pytest.raises(CTVLWeightsError, match="stem_blocks"):
+        cfg.replace(stem_blocks=(1,)).validate()
+    with pytest.raises(CTVLWeightsError, match="stem_blocks"):
+        cfg.replace(stem_blocks=(1, -1)).validate()
+
+
+def test_local_label_heatmaps_come_from_the_stem_alone(images, tmp_path):
+    from training.losses import LossConfig, combined_loss
+
+    cfg = _dense_tiny().replace(mil_local=True, density_edges_hu=(-500.0,))
+    assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    torch.manual_seed(0)
+    model = CTVLModel(cfg).eval()
+    with torch.no_grad():
+        emb = model.encode_image(images)
+        assert emb.local.shape == emb.tokens.shape and model.label_tokens(emb) is emb.local
+        pos, neg = model.prompt_embeddings(["Lung nodule"])
+        z = model.disease_heatmap_logits(emb.local, ["Lung nodule"], pos, neg)
+        probs = model.disease_probabilities(emb.pooled, ["Lung nodule"], tokens=emb.local)
+        want = 0.5 * (model.disease_logits(emb.pooled, pos, neg, ["Lung nodule"])
+                      + model.mil_logits(emb.local, pos, neg, ["Lung nodule"]))
+        torch.testing.assert_close(probs, torch.sigmoid(want))
+        # no transformer context in the local tokens: changing the transformer changes the dense tokens only
+        for p in model.vision.blocks.parameters():
+            p.add_(0.5)
+        again = model.encode_image(images)
+        torch.testing.assert_close(again.local, emb.local)
+        assert not torch.allclose(again.tokens, emb.tokens)
+        torch.testing.assert_close(model.disease_heatmap_logits(again.local, ["Lung nodule"], pos, neg), z)
+    # the MIL objective trains the local head, and the local head only through MIL
+    model.train()
+    emb = model.encode_image(images)
+    pos, neg = model.prompt_embeddings()
+    labels = torch.full((2, len(LABELS)), float("nan"))
+    labels[:, LABELS.index("Lung nodule")] = torch.tensor([1.0, 0.0])
+    total, _ = combined_loss(LossConfig(siglip=False, localization=False, disease=False), model=model,
+                             img_pooled=emb.pooled, pos_emb=pos, neg_emb=neg, labels=labels,
+                             tokens=model.label_tokens(emb), token_mask=torch.ones(2, 8, dtype=torch.bool))
+    total.backward()
+    assert model.local[0].weight.grad.abs().sum() > 0 and model.local_token.weight.grad.abs().sum() > 0
+    assert model.dense.mix[0].weight.grad is None  # the dense tokens are not in the MIL term
+    # round trip; a model without the local head refuses its weights
+    out_dir = save_weights(model.eval(), tmp_path / "w")
+    with torch.no_grad():
+        torch.testing.assert_close(load_weights(out_dir).encode_image(images).local, model.encode_image(images).local)
+    raw = json.loads((out_dir / "config.json").read_text())
+    raw["mil_local"] = False
+    (out_dir / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CTVLWeightsError, match="unexpected"):
+        load_weights(out_dir)
+    with pytest.raises(CTVLWeightsError, match="mil_local"):
+        tiny_config("hybrid").replace(mil_local=True, mil_disease=True).validate()  # no dense head
+    assert CTVLModel(_dense_tiny()).eval().encode_image(images).local is None

@@ -114,9 +114,10 @@ class TrainStep(torch.nn.Module):
                 emb.pooled, pos, neg, batch["labels"].to(emb.pooled.device), m.disease_logit_scale, m.label_bias()
             )
         if mil_on:
+            label_tokens = m.label_tokens(emb)
             terms["mil"] = L.mil_disease_loss(
-                emb.tokens, pos, neg, batch["labels"].to(emb.tokens.device), m.mil_logit_scale,
-                m.label_bias(mil=True), r=m.config.mil_r, token_mask=self._mil_mask(batch, emb.tokens.device),
+                label_tokens, pos, neg, batch["labels"].to(label_tokens.device), m.mil_logit_scale,
+                m.label_bias(mil=True), r=m.config.mil_r, token_mask=self._mil_mask(batch, label_tokens.device),
                 n_ref=math.prod(m.config.token_grid()),
             )
         owner = batch["snippet_owner"].to(emb.bins.device)

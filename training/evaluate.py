@@ -53,7 +53,7 @@ class ModelPredictor:
         m = self.model
         emb = m.encode_image(batch["image"].to(self.device, torch.float32))
         valid = batch["bin_valid"].to(self.device)
-        logits = m.final_disease_logits(emb.pooled, self.pos, self.neg, tokens=emb.tokens, mask=valid)
+        logits = m.final_disease_logits(emb.pooled, self.pos, self.neg, tokens=m.label_tokens(emb), mask=valid)
         probs = torch.sigmoid(logits).float().cpu().numpy()
         reports = m.encode_reports(batch["text"]).float().cpu().numpy()
         bins = []
@@ -63,9 +63,9 @@ class ModelPredictor:
             logits = m.pair_bin_logits(emb, snip, owner)
             valid = batch["bin_valid"].to(self.device)[owner]
             bins = list(logits.masked_fill(~valid, float("-inf")).float().cpu().numpy())  # argmax over the scan
-        heats = []
+        heats, label_tokens = [], m.label_tokens(emb)
         for i, labs in enumerate(heat_labels):
-            heats.append({lab: m.disease_heatmap_logits(emb.tokens[i : i + 1], [LABELS[lab]], self.pos[lab : lab + 1],
+            heats.append({lab: m.disease_heatmap_logits(label_tokens[i : i + 1], [LABELS[lab]], self.pos[lab : lab + 1],
                                                          self.neg[lab : lab + 1])[0, 0].float().cpu().numpy()
                           for lab in labs})
         return {"probs": probs, "image": emb.pooled.float().cpu().numpy(), "report": reports, "bins": bins,

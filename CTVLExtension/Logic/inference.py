@@ -123,7 +123,7 @@ def encode(volume: Volume, model: torch.nn.Module, progress: ProgressFn | None =
 
     device = model_device(model)
     t1 = time.perf_counter()
-    tokens_acc = bins_acc = pooled_acc = None
+    tokens_acc = bins_acc = pooled_acc = local_acc = None
     weight_tok = None
     patch: tuple[int, int, int] | None = None
     with model_lock(model), torch.no_grad(), CancelHooks(model, steps), autocast(device):
@@ -134,6 +134,8 @@ def encode(volume: Volume, model: torch.nn.Module, progress: ProgressFn | None =
             tokens = out.tokens[0].float()  # [d, h, w, E]
             bins = out.bins[0].float()  # [d, E]
             pooled = out.pooled[0].float()
+            local = getattr(out, "local", None)  # label-heatmap tokens (config.mil_local)
+            local = local[0].float() if local is not None else None
             if patch is None:
                 d_tok, h_tok, w_tok = tokens.shape[:3]
                 patch = (depth // d_tok, height // h_tok, width // w_tok)
@@ -142,22 +144,28 @@ def encode(volume: Volume, model: torch.nn.Module, progress: ProgressFn | None =
                 bins_acc = torch.zeros((n_tok, bins.shape[-1]), device=device)
                 pooled_acc = torch.zeros_like(pooled)
                 weight_tok = torch.zeros(n_tok, device=device)
+                if local is not None:
+                    local_acc = torch.zeros_like(tokens_acc)
             hat = torch.from_numpy(hat_weights(tokens.shape[0])).to(device) if len(starts) > 1 else \
                 torch.ones(tokens.shape[0], device=device)
             sl = slice(start // patch[0], start // patch[0] + tokens.shape[0])
             tokens_acc[sl] += tokens * hat[:, None, None, None]
+            if local_acc is not None:
+                local_acc[sl] += local * hat[:, None, None, None]
             bins_acc[sl] += bins * hat[:, None]
             weight_tok[sl] += hat
             pooled_acc += pooled
             steps.report(0.1 + 0.85 * (n + 1) / len(starts), f"encoded window {n + 1}/{len(starts)}")
     tokens_acc /= weight_tok[:, None, None, None]
+    if local_acc is not None:
+        local_acc /= weight_tok[:, None, None, None]
     bins_acc = torch.nn.functional.normalize(bins_acc / weight_tok[:, None], dim=-1)
     pooled_acc = torch.nn.functional.normalize(pooled_acc / len(starts), dim=-1)
     timing["encode"] = time.perf_counter() - t1
     steps.report(1.0, "encoded")
     return VolumeEncoding(volume=volume, model=model, tokens=tokens_acc, bins=bins_acc, pooled=pooled_acc,
                           model_ijk_to_ras=grid, model_shape=(total_d, height, width), patch=patch,
-                          timing=timing)
+                          timing=timing, label_tokens=local_acc)
 
 
 def _patch_size(model: Any) -> tuple[int, int, int]:
@@ -195,6 +203,8 @@ class VolumeEncoding:
     model_shape: tuple[int, int, int]  # (D, H, W)
     patch: tuple[int, int, int]  # (pd, ph, pw) model voxels per token
     timing: dict[str, float] = field(default_factory=dict)
+    # [d, h, w, E] tokens of the label heatmaps and the MIL logit when the model has its own (config.mil_local)
+    label_tokens: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         state = model_state(self.model)
@@ -252,13 +262,16 @@ class VolumeEncoding:
             if hasattr(self.model, "final_disease_logits"):  # pooled zero-shot (+ token-level MIL when trained)
                 mask = torch.as_tensor(self.valid_bins(), device=self.tokens.device)[None]
                 logits = self.model.final_disease_logits(self.pooled[None].float(), pos, neg, labels=labels,
-                                                         tokens=self.tokens[None].float(), mask=mask)
+                                                         tokens=self._label_tokens()[None].float(), mask=mask)
             else:
                 logits = self.model.disease_logits(self.pooled[None].float(), pos, neg, labels=labels)
             probs = torch.sigmoid(logits.float()).reshape(-1).cpu().numpy()
         return {lbl: float(p) for lbl, p in zip(labels, probs)}
 
     # ------------------------------------------------------------------ heatmaps
+    def _label_tokens(self) -> torch.Tensor:
+        return self.label_tokens if self.label_tokens is not None else self.tokens
+
     def token_scores(self, label_or_text: str) -> torch.Tensor:
         """Per-token heatmap logits [d, h, w]: a known label's token-level disease logit (positive vs negative
         prompt, the map the disease probability pools over), or cos(token, text) * t for free text."""
@@ -266,7 +279,7 @@ class VolumeEncoding:
         if text in self.labels() and hasattr(self.model, "disease_heatmap_logits"):
             pos, neg = (e.to(self.tokens.device) for e in self.prompt_embeddings([text]))
             with self._lock, torch.no_grad():
-                z = self.model.disease_heatmap_logits(self.tokens[None].float(), [text], pos, neg)
+                z = self.model.disease_heatmap_logits(self._label_tokens()[None].float(), [text], pos, neg)
             return z.reshape(self.tokens.shape[:3]).float()
         emb = self.text_embedding(text).to(self.tokens.device)
         with self._lock, torch.no_grad():

@@ -51,6 +51,9 @@ class ModelConfig:
     # hybrid: strided conv stages (channels, stride per stage), each conv3x3x3 + GroupNorm + GELU
     stem_channels: tuple[int, ...] = (16, 32, 64)
     stem_strides: tuple[tuple[int, int, int], ...] = ((1, 2, 2), (2, 2, 2), (2, 2, 2))
+    # residual conv3x3x3 blocks after each stage's strided conv (one count per stage; empty = none): depth at the
+    # fine scales, where a single strided conv per stage is all that separates a nodule from a vessel
+    stem_blocks: tuple[int, ...] = ()
     # transformer
     embed_dim: int = 128
     depth: int = 2
@@ -72,6 +75,11 @@ class ModelConfig:
     # token-level (MIL) disease scores: LSE pooling (1/r) log mean exp(r z) of per-token prompt logits
     mil_disease: bool = False
     mil_r: float = 5.0
+    # local label heatmaps (dense head + mil_disease): the label heatmaps and the MIL logit come from tokens of the
+    # dense stem stage's CNN features alone (+ densitometry), not from the dense tokens, which carry the
+    # transformer's global context. A positive scan's MIL maximum must then sit on local evidence, not on any
+    # token that knows the scan is abnormal. Free-text heatmaps, pooling and depth bins keep the dense tokens.
+    mil_local: bool = False
     # learned per-label residuals on the 18 labels' prompt embeddings (disease query vectors initialised at the
     # prompts): frozen-MiniLM prompt pairs differ mostly by one shared negation direction, so without them the 18
     # labels' logits move together and the disease objective does not learn (measured; see the README)
@@ -165,6 +173,8 @@ class ModelConfig:
             bad("input_shape and spacing need 3 values, hu_window 2")
         if self.encoder == "hybrid" and len(self.stem_channels) != len(self.stem_strides):
             bad("stem_channels and stem_strides must have the same length")
+        if self.stem_blocks and (len(self.stem_blocks) != len(self.stem_strides) or min(self.stem_blocks) < 0):
+            bad(f"stem_blocks {list(self.stem_blocks)} needs one count >= 0 per stem stage")
         if any(n % p for n, p in zip(self.input_shape, self.transformer_downsample())):
             bad(f"input_shape {self.input_shape} is not divisible by the token size {self.transformer_downsample()}")
         if self.dense_head:
@@ -181,6 +191,8 @@ class ModelConfig:
                 bad(f"density_edges_hu must increase: {edges}")
             if len(self.density_regions) != 3 or min(self.density_regions) < 1:
                 bad("density_regions must be 3 positive counts")
+        if self.mil_local and not (self.uses_dense_head() and self.mil_disease):
+            bad("mil_local needs dense_head (hybrid encoder) and mil_disease")
         if self.mil_r <= 0:
             bad(f"mil_r {self.mil_r} must be > 0")
         if self.token_localization_r <= 0:

@@ -25,6 +25,9 @@ Scores (all from cosine similarities of L2-normalised embeddings):
   config.token_localization the bin's score is the mean of that and the bin's token score, LSE pooling
   (1/r) log mean exp(r cos(token, text)) over its in-plane tokens (r = token_localization_r), also / bin_temperature:
   the text is grounded in the tokens the heatmaps show, and a nodule's bin is not diluted by the in-plane mean.
+- Local label heatmaps (config.mil_local, dense head): `disease_heatmap_logits`, the MIL logit and its loss take
+  `label_tokens(emb)` = ImageEmbeddings.local, a projection of conv3x3x3(dense stem stage) (+ the token
+  densitometry) with no transformer term, instead of the dense tokens.
 - Dense head (config.dense_head, hybrid): tokens = trilinear upsampling of the projected transformer tokens to the
   stem stage `dense_stage` grid + a linear projection of DenseHead's mixed (lateral + top-down) features; the pooled
   embedding is attention pooling over these dense tokens (a convex combination of exactly the tokens the heatmaps
@@ -50,17 +53,19 @@ from ctvl.model.densitometry import (
     regional_fractions,
 )
 from ctvl.model.text import TextTower, chunk_text, split_sentences
-from ctvl.model.vision import DenseHead, VisionEncoder, _init_weights
+from ctvl.model.vision import DenseHead, VisionEncoder, _groups, _init_weights
 from ctvl.prompts import LABELS, disease_prompts, prompt_table
 from torch import Tensor, nn
 
 
 class ImageEmbeddings(NamedTuple):
-    """tokens [B,d,h,w,E] projected (not normalised), pooled [B,E] and bins [B,d,E] L2-normalised."""
+    """tokens [B,d,h,w,E] projected (not normalised), pooled [B,E] and bins [B,d,E] L2-normalised; with
+    `config.mil_local` also local [B,d,h,w,E], the tokens of the label heatmaps (see `CTVLModel.label_tokens`)."""
 
     tokens: Tensor
     pooled: Tensor
     bins: Tensor
+    local: Tensor | None = None
 
 
 class CTVLOutput(NamedTuple):
@@ -251,6 +256,13 @@ class CTVLModel(nn.Module):
             self.dense.apply(_init_weights)
             self.dense_token = nn.Linear(config.dense_dim, e)  # dense features -> shared space (added to tokens)
             self.dense_bin = nn.Linear(config.dense_dim, c)  # in-plane mean of dense features -> bin features
+        self.local: nn.Module | None = None
+        if config.mil_local:  # dense stem stage alone -> label-heatmap tokens
+            dd = config.dense_dim
+            self.local = nn.Sequential(nn.Conv3d(skip_ch, dd, kernel_size=3, padding=1, bias=False),
+                                       nn.GroupNorm(_groups(dd), dd), nn.GELU())
+            self.local.apply(_init_weights)
+            self.local_token = nn.Linear(dd, e)
         self.density: DensityBands | None = None
         if config.density_edges_hu:  # CT densitometry features -> tokens, depth bins and the pooled embedding
             self.density = DensityBands(config.density_edges_hu, config.hu_window)
@@ -360,7 +372,18 @@ class CTVLModel(nn.Module):
         if dens is not None:
             pooled, bin_feats = pooled + dens[2], bin_feats + dens[1]
         bins = self.bin_head(self.bin_combiner(bin_feats))
-        return ImageEmbeddings(dense, F.normalize(pooled, dim=-1), F.normalize(bins, dim=-1))
+        local = None
+        if self.local is not None:
+            local = self.local_token(self.local(skip).permute(0, 2, 3, 4, 1))  # [B,D',H',W',E]
+            if dens is not None:
+                local = local + dens[0]
+        return ImageEmbeddings(dense, F.normalize(pooled, dim=-1), F.normalize(bins, dim=-1), local)
+
+    @staticmethod
+    def label_tokens(image: ImageEmbeddings) -> Tensor:
+        """The tokens of the label heatmaps and the MIL logit: `image.local` with config.mil_local, else the
+        dense/transformer tokens."""
+        return image.local if image.local is not None else image.tokens
 
     def _densitometry(self, x: Tensor, grid: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor] | None:
         """HU-band fractions on the token grid -> (token embeddings [B,d,h,w,E], bin features [B,d,C], pooled

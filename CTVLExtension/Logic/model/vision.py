@@ -91,15 +91,30 @@ class InputWindows(nn.Module):
         return torch.cat([x, extra], dim=1)
 
 
+class ResidualConv(nn.Module):
+    """x + GELU(GroupNorm(conv3x3x3(x))); the norm's scale starts at 0, so a new block starts as the identity."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(channels, channels, kernel_size=3, padding=1, bias=False)
+        self.norm = nn.GroupNorm(_groups(channels), channels)
+        self.act = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.act(self.norm(self.conv(x)))
+
+
 class ConvStem(nn.Module):
-    """Strided 3D conv stages (conv 3x3x3 + GroupNorm + GELU) and a 1x1x1 conv to the embedding dim."""
+    """Strided 3D conv stages (conv + GroupNorm + GELU, then `blocks[k]` `ResidualConv` blocks) and a 1x1x1 conv
+    to the embedding dim."""
 
     def __init__(self, channels: tuple[int, ...], strides: tuple[tuple[int, int, int], ...], embed_dim: int,
-                 in_channels: int = 1) -> None:
+                 in_channels: int = 1, blocks: tuple[int, ...] = ()) -> None:
         super().__init__()
         layers: list[nn.Module] = []
+        self.stage_ends: list[int] = []  # index in `net` of each stage's last layer
         cin = in_channels
-        for cout, stride in zip(channels, strides):
+        for k, (cout, stride) in enumerate(zip(channels, strides)):
             layers += [
                 # kernel s+2 with padding 1 centres output t at input s*t + (s-1)/2, the voxel-centre convention
                 # that heatmaps and depth bins assume (a 3x3x3 stride-2 conv would sit half a stride off).
@@ -108,15 +123,23 @@ class ConvStem(nn.Module):
                 nn.GroupNorm(_groups(cout), cout),
                 nn.GELU(),
             ]
+            layers += [ResidualConv(cout) for _ in range(blocks[k] if blocks else 0)]
+            self.stage_ends.append(len(layers) - 1)
             cin = cout
         layers.append(nn.Conv3d(cin, embed_dim, kernel_size=1))
         self.net = nn.Sequential(*layers)
 
+    def zero_init_residuals(self) -> None:
+        """Start every `ResidualConv` as the identity (call after any generic weight init)."""
+        for m in self.net:
+            if isinstance(m, ResidualConv):
+                nn.init.zeros_(m.norm.weight)
+
     def stages(self, x: Tensor, return_stage: int | None = None) -> tuple[Tensor, Tensor | None]:
         """The conv stages without the 1x1x1 projection -> (last stage [B, C_last, d, h, w], output of stage
-        `return_stage` after its GELU, or None)."""
+        `return_stage` (after its residual blocks), or None)."""
         skip = None
-        last = -1 if return_stage is None else 3 * return_stage + 2  # conv, norm, GELU per stage
+        last = -1 if return_stage is None else self.stage_ends[return_stage]
         for i, layer in enumerate(self.net[:-1]):
             x = layer(x)
             if i == last:
@@ -124,7 +147,7 @@ class ConvStem(nn.Module):
         return x, skip
 
     def forward(self, x: Tensor, return_stage: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        """x -> [B, embed_dim, d, h, w]; with `return_stage` k also the output of conv stage k (after GELU)."""
+        """x -> [B, embed_dim, d, h, w]; with `return_stage` k also the output of conv stage k."""
         if return_stage is None:
             return self.net(x)
         stem, skip = self.stages(x, return_stage)
@@ -185,7 +208,7 @@ class VisionEncoder(nn.Module):
         if config.encoder == "vit":
             self.tokenizer: nn.Module = PatchEmbed(config.patch_size, c, cin)
         else:
-            self.tokenizer = ConvStem(config.stem_channels, config.stem_strides, c, cin)
+            self.tokenizer = ConvStem(config.stem_channels, config.stem_strides, c, cin, config.stem_blocks)
         self.grid = config.transformer_grid()
         if config.pos_embed == "learnable":
             self.pos_embed = nn.Parameter(sincos_pos_embed_3d(self.grid, c).reshape(1, *self.grid, c).clone())
@@ -198,6 +221,8 @@ class VisionEncoder(nn.Module):
         self.norm = nn.LayerNorm(c)
         self.grad_checkpointing = config.grad_checkpointing
         self.apply(_init_weights)
+        if isinstance(self.tokenizer, ConvStem):
+            self.tokenizer.zero_init_residuals()
 
     def _pos(self, grid: tuple[int, int, int], x: Tensor) -> Tensor:
         if tuple(grid) == tuple(self.grid):
@@ -271,5 +296,5 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["VisionEncoder", "ConvStem", "DenseHead", "InputWindows", "PatchEmbed", "Block", "Attention",
+__all__ = ["VisionEncoder", "ConvStem", "ResidualConv", "DenseHead", "InputWindows", "PatchEmbed", "Block", "Attention",
            "sincos_pos_embed_3d", "count_parameters"]
