@@ -98,6 +98,7 @@ class ResidualConv(nn.Module):
         super().__init__()
         self.conv = nn.Conv3d(channels, channels, kernel_size=3, padding=1, bias=False)
         self.norm = nn.GroupNorm(_groups(channels), channels)
+        nn.init.zeros_(self.norm.weight)
         self.act = nn.GELU()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -130,7 +131,7 @@ class ConvStem(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def zero_init_residuals(self) -> None:
-        """Start every `ResidualConv` as the identity (call after any generic weight init)."""
+        """Start every `ResidualConv` as the identity again (after a generic init that reset its norm's scale)."""
         for m in self.net:
             if isinstance(m, ResidualConv):
                 nn.init.zeros_(m.norm.weight)
