@@ -211,7 +211,6 @@ def test_tiny_real_model_end_to_end_and_weights_round_trip(tmp_path: Path):
         load_model(corrupt, device="cpu")
 
 
-
 def test_local_label_tokens_feed_label_heatmaps_and_probabilities():
     from ctvl.model.config import tiny_config
 
@@ -234,6 +233,7 @@ def test_local_label_tokens_feed_label_heatmaps_and_probabilities():
         want = torch.sigmoid(model.final_disease_logits(enc.pooled[None], pos, neg, ["Lung nodule"],
                                                         tokens=enc.label_tokens[None], mask=mask))
     assert p == pytest.approx(float(want), abs=1e-5)
+
 
 DEMO = Path(__file__).resolve().parents[1] / "CTVLExtension" / "Logic" / "weights" / "demo"
 
