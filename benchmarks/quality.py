@@ -4,8 +4,9 @@
 
 The held-out split is generated with a seed never used for training (train: seed 1, valid: seed 2, test: seed 3)
 when it is missing. Thresholds for F1/accuracy/precision are reported two ways: picked on the evaluation split
-itself (CT-CLIP's rule, flatters F1) and fixed on ``--val-split``. Prints a table and writes
-benchmarks/results/quality.json.
+itself (CT-CLIP's rule, flatters F1) and fixed on ``--val-split``. Beside the trivial baselines, ``mask`` is no model:
+the phantom masks averaged onto the token grid of ``--weights`` as heatmaps, what a heatmap that knows the
+answer scores at that resolution. Prints a table and writes benchmarks/results/quality.json.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="test")
     ap.add_argument("--val-split", default="valid")
     ap.add_argument("--n", type=int, default=100, help="volumes per generated split")
-    ap.add_argument("--baselines", nargs="*", default=["random", "prevalence"])
+    ap.add_argument("--baselines", nargs="*", default=["random", "prevalence", "mask"])
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = {"model": evaluate(args.weights, data, split=args.split, val_split=args.val_split)}
     print(format_table(runs["model"]))
     for kind in args.baselines:
-        runs[kind] = evaluate(None, data, split=args.split, val_split=args.val_split, baseline=kind)
+        grid_of = args.weights if kind == "mask" else None  # the mask baseline needs the model's token grid
+        runs[kind] = evaluate(grid_of, data, split=args.split, val_split=args.val_split, baseline=kind)
     rows = {name: headline(rep) for name, rep in runs.items()}
     print(f"\n{'':12s} " + " ".join(f"{k:>14s}" for k in TARGETS))
     for name, row in rows.items():

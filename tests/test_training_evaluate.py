@@ -80,6 +80,27 @@ def test_baselines(setup):
         aucs = [r["auroc"] for r in rep["classification"]["per_label"].values() if not np.isnan(r["auroc"])]
         if kind == "prevalence":
             assert all(a == 0.5 for a in aucs)  # a constant score ranks nothing
+    # the mask baseline: the heatmaps are the masks' token occupancy, the rest is the prevalence baseline
+    flat = evaluate(None, root, split="valid", baseline="prevalence", heatmaps=True)["heatmaps"]
+    ceiling = evaluate(None, root, split="valid", baseline="mask", heatmaps=True)["heatmaps"]
+    assert ceiling["n_volume_labels"] == flat["n_volume_labels"] >= 1
+    assert ceiling["pointing_game"] > flat["pointing_game"] and ceiling["mass_in_mask"] > 10 * flat["mass_in_mask"]
+
+
+def test_mask_occupancy_is_each_tokens_share_of_the_instances():
+    from ctvl.geometry import Volume
+
+    from training.evaluate import mask_occupancy
+
+    arr = np.zeros((4, 8, 8), np.uint8)
+    arr[0:2, 0:4, 0:2] = 3  # half of token (0, 0, 0)
+    arr[2:4, 4:8, 4:8] = 5  # all of token (1, 1, 1)
+    arr[3, 0, 0] = 9  # another label's instance
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])  # i (columns) and j at 2 mm, k (slices) at 3 mm
+    occ = mask_occupancy(Volume(arr, affine), [3, 5], affine, (4, 8, 8), (2, 4, 4))
+    expected = np.zeros((2, 2, 2))
+    expected[0, 0, 0], expected[1, 1, 1] = 0.5, 1.0
+    np.testing.assert_allclose(occ, expected)
 
 
 def test_cli_evaluate_and_export(setup, tmp_path, capsys):

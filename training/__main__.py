@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="valid")
     e.add_argument("--val-split", help="split used to fix thresholds (e.g. valid when evaluating test)")
     e.add_argument("--out", default="report.json")
-    e.add_argument("--baseline", choices=["random", "prevalence"])
+    e.add_argument("--baseline", choices=["random", "prevalence", "mask"],
+                   help="mask: oracle heatmaps (the phantom masks) on the token grid of --weights")
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--pool-size", type=int, default=100)
     e.add_argument("--max-volumes", type=int)

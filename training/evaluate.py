@@ -13,7 +13,10 @@
   label's masks). Reported beside it, not instead: the peak's distance to the nearest mask voxel (mm) and the share
   of peaks within ``POINTING_TOLERANCE_MM`` of it, which tells a near miss from a wrong organ.
 - ``baseline``: ``random`` (random scores/embeddings/heatmaps) or ``prevalence`` (label prevalence as the score,
-  centre slice, flat heatmap), so the benchmark shows what a trivial model gets.
+  centre slice, flat heatmap), so the benchmark shows what a trivial model gets; ``mask`` is the prevalence baseline
+  with the best heatmap the token grid can hold: each token's share of voxels on the label's phantom masks
+  (`mask_occupancy`), an oracle that tells what the pointing game can reach at that grid (the grid of
+  ``--weights``' config).
 """
 
 from __future__ import annotations
@@ -72,13 +75,17 @@ class ModelPredictor:
                 "heat": heats}
 
 
+BASELINES = ("random", "prevalence", "mask")
+
+
 class BaselinePredictor:
-    """``random``: random everything; ``prevalence``: label prevalence, centre slice, flat heatmap."""
+    """``random``: random everything; ``prevalence``: label prevalence, centre slice, flat heatmap; ``mask``: as
+    ``prevalence`` but its heatmaps are None, for `evaluate` to fill with the masks' token occupancy."""
 
     def __init__(self, kind: str, token_grid: tuple[int, int, int], bin_size: int, prevalence: np.ndarray,
                  seed: int = 0) -> None:
-        if kind not in ("random", "prevalence"):
-            raise ValueError(f"unknown baseline {kind!r} (random | prevalence)")
+        if kind not in BASELINES:
+            raise ValueError(f"unknown baseline {kind!r} ({' | '.join(BASELINES)})")
         self.kind, self.grid, self.bin_size, self.prev = kind, token_grid, bin_size, prevalence
         self.rng = np.random.default_rng(seed)
 
@@ -93,7 +100,8 @@ class BaselinePredictor:
             centre = np.zeros(d)
             centre[d // 2] = 1.0
             bins = [centre.copy() for _ in range(s)]
-            heats = [{lab: np.ones(self.grid) for lab in labs} for labs in heat_labels]
+            flat = None if self.kind == "mask" else np.ones(self.grid)
+            heats = [{lab: flat for lab in labs} for labs in heat_labels]
         return {"probs": probs, "image": self.rng.normal(size=(n, 32)), "report": self.rng.normal(size=(n, 32)),
                 "bins": bins, "heat": heats}
 
@@ -156,6 +164,18 @@ def _token_affine(model_affine: np.ndarray, bin_size: tuple[int, int, int]) -> n
     out[:3, 3] = out[:3, :3] @ ((p_ijk - 1) / 2) + out[:3, 3]
     out[:3, :3] = out[:3, :3] * p_ijk
     return out
+
+
+def mask_occupancy(mask, values: list[int], model_affine: np.ndarray, model_shape: tuple[int, int, int],
+                   token_size: tuple[int, int, int]) -> np.ndarray:
+    """Share of each token's model voxels that lie on the instances ``values`` of ``mask`` (a `Volume`): an oracle
+    heatmap on this token grid, whose pointing game tells what the metric can reach at that resolution."""
+    from ctvl.geometry import Volume, resample
+
+    on = Volume(np.isin(mask.array, values).astype(np.float32), mask.ijk_to_ras)
+    model = resample(on, model_affine, tuple(model_shape), order=0, fill=0.0).array
+    (d, h, w), (pd, ph, pw) = model.shape, token_size
+    return model.reshape(d // pd, pd, h // ph, ph, w // pw, pw).mean(axis=(1, 3, 5))
 
 
 def _dataset(root, split, pre, bin_size, max_volumes, cache_dir, workers) -> CTRateDataset:
@@ -295,6 +315,8 @@ def evaluate(
                     instances.setdefault(f["label"], []).append(int(f["mask_value"]))
             for label, values in instances.items():
                 heat = out["heat"][b][LABELS.index(label)]
+                if heat is None:  # the mask baseline
+                    heat = mask_occupancy(mask, values, np.asarray(info["model_ijk_to_ras"]), mc.input_shape, bsize)
                 on_input = resample(Volume(heat.astype(np.float32), tok_aff), mask.ijk_to_ras, mask.array.shape,
                                     order=1, fill=float(heat.min())).array
                 row, hits = pointing(on_input, mask.array, values, spacing=mask.spacing[::-1])
