@@ -14,7 +14,7 @@
   of peaks within ``POINTING_TOLERANCE_MM`` of it, which tells a near miss from a wrong organ.
 - ``baseline``: ``random`` (random scores/embeddings/heatmaps) or ``prevalence`` (label prevalence as the score,
   centre slice, flat heatmap), so the benchmark shows what a trivial model gets; ``mask`` is the prevalence baseline
-  with the best heatmap the token grid can hold: each token's share of voxels on the label's phantom masks
+  with oracle heatmaps: each token's share of voxels on the label's phantom masks
   (`mask_occupancy`), an oracle that tells what the pointing game can reach at that grid (the grid of
   ``--weights``' config).
 """
