@@ -80,11 +80,11 @@ def test_baselines(setup):
         aucs = [r["auroc"] for r in rep["classification"]["per_label"].values() if not np.isnan(r["auroc"])]
         if kind == "prevalence":
             assert all(a == 0.5 for a in aucs)  # a constant score ranks nothing
-    # the mask baseline: the heatmaps are the masks' token occupancy, the rest is the prevalence baseline
-    flat = evaluate(None, root, split="valid", baseline="prevalence", heatmaps=True)["heatmaps"]
+    # the mask baseline: the heatmaps are the masks' token occupancy (random heatmaps put ~0.3% of their mass there)
+    rand = evaluate(None, root, split="valid", baseline="random", heatmaps=True)["heatmaps"]
     oracle = evaluate(None, root, split="valid", baseline="mask", heatmaps=True)["heatmaps"]
-    assert oracle["n_volume_labels"] == flat["n_volume_labels"] >= 1
-    assert oracle["pointing_game"] > flat["pointing_game"] and oracle["mass_in_mask"] > 10 * flat["mass_in_mask"]
+    assert oracle["n_volume_labels"] == rand["n_volume_labels"] >= 1
+    assert oracle["pointing_game"] > rand["pointing_game"] and oracle["mass_in_mask"] > 10 * rand["mass_in_mask"] > 0
 
 
 def test_mask_occupancy_is_each_tokens_share_of_the_instances():
