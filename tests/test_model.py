@@ -531,6 +531,53 @@ def test_blobness_channels_are_computed_or_taken_precomputed(images, tmp_path):
         cfg.replace(input_blob_scales_mm=(0.0,)).validate()
 
 
+def test_blobness_is_compressed_and_pooled_by_its_maximum_per_token():
+    from ctvl.model.blobness import LOG_GAIN, compress, token_blob_features
+
+    raw = torch.zeros(1, 2, 8, 8, 8)
+    raw[0, 0, 5, 1, 6] = 0.4  # one voxel of a blob in token (1, 0, 1) of 4x4x4 tokens
+    raw[0, 1] = 0.01
+    out = token_blob_features(raw, (4, 4, 4), (2, 2, 2))
+    assert out.shape == (1, 2, 2, 2, 2)
+    assert math.isclose(float(out[0, 0, 1, 0, 1]), math.log1p(LOG_GAIN * 0.4), rel_tol=1e-6)  # the max, not a mean
+    assert float(out[0, 0].sum()) == float(out[0, 0, 1, 0, 1])  # every other token of channel 0 stays 0
+    torch.testing.assert_close(out[0, 1], torch.full((2, 2, 2), math.log1p(LOG_GAIN * 0.01)))
+    coarse = token_blob_features(raw, (4, 4, 4), (1, 1, 1))  # a different grid: max over the tokens
+    assert math.isclose(float(coarse[0, 0, 0, 0, 0]), float(out[0, 0].max()), rel_tol=1e-6)
+    x = torch.tensor([0.0, 0.01, 0.1, 0.4, 2.0])
+    y = compress(x)
+    assert y[0] == 0 and (y.diff() > 0).all() and y[-1] < 4  # monotone, and the heavy tail is tamed
+    assert compress(torch.tensor([-1.0])) == 0  # no negative response reaches the log
+
+
+def test_blob_tokens_reach_the_token_embeddings_and_round_trip(images, tmp_path):
+    cfg = tiny_config("hybrid").replace(input_blob_scales_mm=(3.0,), density_edges_hu=(-500.0, 200.0),
+                                        blob_tokens=True)
+    torch.manual_seed(0)
+    model = CTVLModel(cfg).eval()
+    assert model.density_token[1].in_features == model.density.n_bands + 1
+    with torch.no_grad():
+        blobs = model.vision.blobs(images)
+        alone = model.encode_image(images)
+        given = model.encode_image(torch.cat([images, blobs], dim=1))
+        torch.testing.assert_close(given.tokens, alone.tokens)
+        before = model._densitometry(torch.cat([images, blobs], dim=1), tuple(alone.tokens.shape[1:4]))[0]
+        spiked = blobs.clone()
+        pd, ph, pw = cfg.downsample()
+        spiked[:, :, :pd, :ph, :pw] += 1.0  # a blob response in the first token only
+        after = model._densitometry(torch.cat([images, spiked], dim=1), tuple(alone.tokens.shape[1:4]))[0]
+        moved = (after - before).abs().amax(-1)  # [B,d,h,w]
+        assert (moved[:, 0, 0, 0] > 0).all()
+        moved[:, 0, 0, 0] = 0
+        assert moved.amax() == 0  # every other token as it was
+    out_dir = save_weights(model, tmp_path / "w")
+    torch.testing.assert_close(load_weights(out_dir).encode_image(images).tokens, alone.tokens)
+    with pytest.raises(CTVLWeightsError, match="blob_tokens needs"):
+        cfg.replace(input_blob_scales_mm=()).validate()
+    with pytest.raises(CTVLWeightsError, match="blob_tokens needs"):
+        cfg.replace(density_edges_hu=()).validate()
+
+
 def test_stem_residual_blocks_start_as_identity_train_and_round_trip(images, tmp_path):
     from ctvl.model.vision import ResidualConv
 

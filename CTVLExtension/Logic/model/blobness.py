@@ -8,8 +8,12 @@ negative, else 0: a tube's near-zero l3 drives it to ~0, so a 1-cm nodule stands
 cross-sections that look like it in any one slice. The eigenvalues come in closed form (the trigonometric solution
 for symmetric 3x3 matrices), elementwise.
 
-Used as extra input channels of the vision encoder (`ModelConfig.input_blob_scales_mm`), one per scale. Cost on
-the demo grid (96 x 80 x 80): ~0.15 s per volume for two scales on one CPU thread (training caches it).
+Used as extra input channels of the vision encoder (`ModelConfig.input_blob_scales_mm`), one per scale, and with
+`ModelConfig.blob_tokens` as per-token features (`token_blob_features`). Cost on the demo grid (96 x 80 x 80):
+~0.15 s per volume for two scales on one CPU thread (training caches the raw response, which is linear in the
+image's intensity scale, so intensity augmentation scales it exactly). The network sees `compress`ed values: the raw
+response is heavy-tailed (on the phantom's model grid: median 0.007, 99.99th percentile 0.42 at 2.5 mm), and a
+per-token linear MIL head on it stayed at chance for nodules, 0.70 validation AUROC after log1p(10 x).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import Tensor, nn
 # a bright isotropic Gaussian blob of amplitude a and width s reads a / (4 sqrt 2) ~ a / 5.7 at scale s; GAIN
 # brings a soft-tissue nodule in lung (+900 HU: a ~ 0.45 in the [-1000, 1000] HU window) to ~ 1
 GAIN = 12.0
+LOG_GAIN = 10.0  # compress: log1p(LOG_GAIN * blobness)
 
 
 def gaussian_derivative_kernels(sigma_vox: float, step_mm: float) -> Tensor:
@@ -103,4 +108,19 @@ class HessianBlobness(nn.Module):
         return torch.stack(out, dim=1).to(x.dtype)
 
 
-__all__ = ["HessianBlobness", "gaussian_derivative_kernels", "symmetric_eigenvalues", "HESSIAN_ORDERS", "GAIN"]
+def compress(blobness: Tensor) -> Tensor:
+    """The scale the network sees: log1p(LOG_GAIN * blobness) (monotone, 0 -> 0; tames the heavy tail)."""
+    return blobness.clamp_min(0.0).mul_(LOG_GAIN).log1p_()  # in place on clamp_min's copy: 2x faster on the CPU
+
+
+def token_blob_features(blobness: Tensor, token_size: tuple[int, int, int], grid: tuple[int, int, int]) -> Tensor:
+    """[B,S,D,H,W] raw blobness -> [B,S,d,h,w]: the `compress`ed maximum over each token's voxels (one nodule
+    voxel marks its token; an average would dilute it), on `grid` (adaptive max pooling where it differs)."""
+    out = F.max_pool3d(blobness.float(), kernel_size=token_size, stride=token_size)
+    if tuple(out.shape[2:]) != tuple(grid):
+        out = F.adaptive_max_pool3d(out, tuple(grid))
+    return compress(out)  # monotone: the compressed maximum, at 1/32 of the cost on the demo grid
+
+
+__all__ = ["HessianBlobness", "gaussian_derivative_kernels", "symmetric_eigenvalues", "HESSIAN_ORDERS", "GAIN",
+           "LOG_GAIN", "compress", "token_blob_features"]

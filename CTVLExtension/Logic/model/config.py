@@ -89,6 +89,9 @@ class ModelConfig:
     density_edges_hu: tuple[float, ...] = ()
     density_regions: tuple[int, int, int] = (3, 2, 2)  # (superior-inferior, anterior-posterior, right-left) regions
     density_norm: bool = False  # standardise each density feature (ctvl.model.densitometry.RunningStandardize)
+    # the blobness channels' compressed maximum per label token joins the token's densitometry features (a direct
+    # path from the CAD filter to the MIL logit; needs input_blob_scales_mm and density_edges_hu)
+    blob_tokens: bool = False
     # joint space
     shared_dim: int = 128
     proj_hidden: int = 256
@@ -191,6 +194,8 @@ class ModelConfig:
                 bad(f"density_edges_hu must increase: {edges}")
             if len(self.density_regions) != 3 or min(self.density_regions) < 1:
                 bad("density_regions must be 3 positive counts")
+        if self.blob_tokens and not (self.input_blob_scales_mm and self.density_edges_hu):
+            bad("blob_tokens needs input_blob_scales_mm and density_edges_hu")
         if self.mil_local and not (self.uses_dense_head() and self.mil_disease):
             bad("mil_local needs dense_head (hybrid encoder) and mil_disease")
         if self.mil_r <= 0:

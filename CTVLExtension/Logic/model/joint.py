@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from ctvl.model.blobness import token_blob_features
 from ctvl.model.config import ModelConfig
 from ctvl.model.densitometry import (
     DensityBands,
@@ -267,13 +268,14 @@ class CTVLModel(nn.Module):
         if config.density_edges_hu:  # CT densitometry features -> tokens, depth bins and the pooled embedding
             self.density = DensityBands(config.density_edges_hu, config.hu_window)
             k = self.density.n_bands
-            self.density_token = mlp_head(k, config.proj_hidden // 2, e)
+            kt = k + (len(config.input_blob_scales_mm) if config.blob_tokens else 0)  # + blobness per token
+            self.density_token = mlp_head(kt, config.proj_hidden // 2, e)
             self.density_bin = nn.Linear(4 * k, c)
             self.density_pooled = mlp_head(k * math.prod(config.density_regions), config.proj_hidden, e)
             self.density_scalers: nn.ModuleDict | None = None
             if config.density_norm:
                 self.density_scalers = nn.ModuleDict({
-                    "token": RunningStandardize(k), "bin": RunningStandardize(4 * k),
+                    "token": RunningStandardize(kt), "bin": RunningStandardize(4 * k),
                     "pooled": RunningStandardize(k * math.prod(config.density_regions))})
         self.label_adapters = nn.Parameter(torch.zeros(len(LABELS), 2, e)) if config.label_adapters else None
         self.pool = AttentionPool(c, config.num_heads) if config.pooling in ("attention", "max+attention") else None
@@ -321,6 +323,7 @@ class CTVLModel(nn.Module):
         """x [B,1,D,H,W] (windowed to [0,1], model grid; [B,1+S,...] with S precomputed blobness channels, see
         `VisionEncoder`) -> ImageEmbeddings on the `config.token_grid()` grid."""
         stem = None
+        x = self.vision.with_blobs(x)  # computed once, for the stem and the token features
         if self.cnn_branch is not None:
             feats, skip, stem = self.vision.forward_features(x)
         elif self.dense is not None:
@@ -387,14 +390,18 @@ class CTVLModel(nn.Module):
 
     def _densitometry(self, x: Tensor, grid: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor] | None:
         """HU-band fractions on the token grid -> (token embeddings [B,d,h,w,E], bin features [B,d,C], pooled
-        embedding [B,E]), or None without `config.density_edges_hu`."""
+        embedding [B,E]), or None without `config.density_edges_hu`. With `config.blob_tokens` the token features
+        also hold the blobness channels of x [B,1+S,...] (`ctvl.model.blobness.token_blob_features`)."""
         if self.density is None:
             return None
         frac = self.density.pool(x[:, :1], self.config.downsample())  # [B,K,d,h,w] of the image channel
         if tuple(frac.shape[2:]) != tuple(grid):
             frac = F.adaptive_avg_pool3d(frac, tuple(grid))
         frac = frac.to(self.logit_scale.dtype)
-        feats = {"token": log_fractions(frac).permute(0, 2, 3, 4, 1), "bin": log_fractions(bin_fractions(frac)),
+        token = log_fractions(frac)
+        if self.config.blob_tokens:
+            token = torch.cat([token, token_blob_features(x[:, 1:], self.config.downsample(), grid).to(token.dtype)], 1)
+        feats = {"token": token.permute(0, 2, 3, 4, 1), "bin": log_fractions(bin_fractions(frac)),
                  "pooled": log_fractions(regional_fractions(frac, self.config.density_regions))}
         if self.density_scalers is not None:
             feats = {name: self.density_scalers[name](f) for name, f in feats.items()}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from ctvl.model.blobness import HessianBlobness
+from ctvl.model.blobness import HessianBlobness, compress
 from ctvl.model.config import ModelConfig
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -256,15 +256,21 @@ class VisionEncoder(nn.Module):
 
     def _channels(self, x: Tensor) -> Tensor:
         """[B,1,...] image or [B,1+S,...] image + precomputed blobness -> the tokenizer's input channels."""
+        x = self.with_blobs(x)
+        image, blobs = x[:, :1], x[:, 1:]
+        parts = [self.windows(image) if self.windows is not None else image]
+        return torch.cat(parts + [compress(blobs).to(image.dtype)], dim=1) if blobs.shape[1] else parts[0]
+
+    def with_blobs(self, x: Tensor) -> Tensor:
+        """[B,1,...] -> [B,1+S,...] image + raw blobness (computed here) with `config.input_blob_scales_mm`; an input
+        that already carries them, or a config without them, passes unchanged."""
         n_blob = len(self.config.input_blob_scales_mm)
         if x.ndim != 5 or x.shape[1] not in (1, 1 + n_blob):
             want = "[B,1,D,H,W]" + (f" or [B,{1 + n_blob},D,H,W]" if n_blob else "")
             raise ValueError(f"expected images {want}, got {tuple(x.shape)}")
-        image, blobs = x[:, :1], x[:, 1:]
-        if self.blobs is not None and blobs.shape[1] == 0:
-            blobs = self.blobs(image)
-        parts = [self.windows(image) if self.windows is not None else image]
-        return torch.cat(parts + [blobs.to(image.dtype)], dim=1) if blobs.shape[1] else parts[0]
+        if self.blobs is None or x.shape[1] == 1 + n_blob:
+            return x
+        return torch.cat([x, self.blobs(x).to(x.dtype)], dim=1)
 
     def forward(self, x: Tensor, return_skip: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         x = self._channels(x)
