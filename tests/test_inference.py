@@ -235,6 +235,33 @@ def test_local_label_tokens_feed_label_heatmaps_and_probabilities():
     assert p == pytest.approx(float(want), abs=1e-5)
 
 
+def test_blob_readout_evidence_reaches_label_heatmaps_and_probabilities():
+    from ctvl.model.config import tiny_config
+    from ctvl.model.joint import EVIDENCE_GAIN
+    from ctvl.prompts import LABELS
+
+    torch.manual_seed(0)
+    cfg = tiny_config().replace(input_blob_scales_mm=(8.0,), mil_disease=True, blob_readout=True)
+    model = model_mod.CTVLModel(cfg).eval()
+    with torch.no_grad():
+        model.evidence_weights[LABELS.index("Lung nodule")] = 3.0
+    vol = lesion_volume("lps", shape_kji=(40, 30, 30), spacing_ijk=(8.0, 8.0, 8.0))  # several windows
+    enc = encode(vol, model)
+    assert enc.evidence is not None and enc.evidence.shape == (*enc.tokens.shape[:3], 1)
+    assert float(enc.evidence.max()) > 0  # the lesion is a bright blob
+    pos, neg = enc.prompt_embeddings(["Lung nodule"])
+    with torch.no_grad():
+        plain = model.disease_heatmap_logits(enc.tokens[None], ["Lung nodule"], pos, neg)[0, 0]
+    torch.testing.assert_close(enc.token_scores("Lung nodule"), plain + EVIDENCE_GAIN * 3.0 * enc.evidence[..., 0])
+    p = enc.disease_probabilities(["Lung nodule"])["Lung nodule"]
+    with torch.no_grad():
+        mask = torch.as_tensor(enc.valid_bins())[None]
+        want = torch.sigmoid(model.final_disease_logits(enc.pooled[None], pos, neg, ["Lung nodule"],
+                                                        tokens=enc.tokens[None], mask=mask,
+                                                        evidence=enc.evidence[None]))
+    assert p == pytest.approx(float(want), abs=1e-5)
+
+
 DEMO = Path(__file__).resolve().parents[1] / "CTVLExtension" / "Logic" / "weights" / "demo"
 
 

@@ -578,6 +578,51 @@ def test_blob_tokens_reach_the_token_embeddings_and_round_trip(images, tmp_path)
         cfg.replace(density_edges_hu=()).validate()
 
 
+def test_blob_readout_adds_a_learned_per_label_term_to_token_logits(images, tmp_path):
+    from ctvl.model.joint import EVIDENCE_GAIN
+
+    from training.losses import mil_disease_loss
+
+    cfg = tiny_config("hybrid").replace(input_blob_scales_mm=(3.0, 6.0), mil_disease=True, blob_readout=True)
+    torch.manual_seed(0)
+    model = CTVLModel(cfg).eval()
+    with torch.no_grad():
+        emb = model.encode_image(images)
+        pos, neg = model.prompt_embeddings()
+    assert emb.evidence.shape == (*emb.tokens.shape[:4], 2) and (emb.evidence >= 0).all()
+    tok = model.label_tokens(emb)
+    with torch.no_grad():
+        plain = model.disease_heatmap_logits(tok, LABELS, pos, neg)
+        torch.testing.assert_close(model.disease_heatmap_logits(tok, LABELS, pos, neg, emb.evidence), plain)  # init 0
+        i = LABELS.index("Lung nodule")
+        model.evidence_weights[i] = torch.tensor([2.0, -1.0])
+        read = model.disease_heatmap_logits(tok, LABELS, pos, neg, emb.evidence)
+        want = EVIDENCE_GAIN * (2.0 * emb.evidence[..., 0] - emb.evidence[..., 1])
+        torch.testing.assert_close(read[:, i] - plain[:, i], want)
+        torch.testing.assert_close(read[:, :i], plain[:, :i])  # other labels untouched
+        free = ["a dense nodule"]
+        fp, fn = model.prompt_embeddings(free)
+        torch.testing.assert_close(model.disease_heatmap_logits(tok, free, fp, fn, emb.evidence),
+                                   model.disease_heatmap_logits(tok, free, fp, fn))  # free text: no readout
+        with_ev = model.final_disease_logits(emb.pooled, pos, neg, tokens=tok, evidence=emb.evidence)
+        without = model.final_disease_logits(emb.pooled, pos, neg, tokens=tok)
+        assert not torch.allclose(with_ev[:, i], without[:, i]) and torch.allclose(with_ev[:, :i], without[:, :i])
+    model.train()
+    emb = model.encode_image(images)
+    pos, neg = model.prompt_embeddings()
+    labels = torch.zeros(2, len(LABELS))
+    labels[0, i] = 1.0
+    loss = mil_disease_loss(model.label_tokens(emb), pos, neg, labels, model.mil_logit_scale,
+                            model.label_bias(mil=True), extra=model.evidence_logits(emb.evidence, None, len(LABELS)))
+    loss.backward()
+    assert model.evidence_weights.grad is not None and model.evidence_weights.grad[i].abs().sum() > 0
+    model.eval()
+    out_dir = save_weights(model, tmp_path / "w")
+    torch.testing.assert_close(load_weights(out_dir).evidence_weights, model.evidence_weights.detach())
+    with pytest.raises(CTVLWeightsError, match="blob_readout needs"):
+        cfg.replace(mil_disease=False).validate()
+
+
 def test_stem_residual_blocks_start_as_identity_train_and_round_trip(images, tmp_path):
     from ctvl.model.vision import ResidualConv
 

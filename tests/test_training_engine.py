@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from ctvl.prompts import LABELS
 
 from tests.training_helpers import ROOT, final_state, make_data, tiny_config
 
@@ -49,7 +50,8 @@ def test_cpu_bf16_autocast_trains(data, tmp_path, monkeypatch):
     # and a windowed channel, and blobness channels read from the cache's sidecars
     over.update({"train.cpu_amp": "true", "model.input_windows_hu": "[[-160, 240]]",
                  "model.input_blob_scales_mm": "[8.0, 16.0]", "model.density_edges_hu": "[-500, 200]",
-                 "model.blob_tokens": "true"})
+                 "model.blob_tokens": "true", "model.mil_disease": "true", "loss.mil.enabled": "true",
+                 "model.blob_readout": "true"})
     summary = engine.train(tiny_config(data, **over), tmp_path / "bf16", progress=False)
     assert seen and all(seen)
     losses = summary["losses"]
@@ -62,7 +64,9 @@ def test_cpu_bf16_autocast_trains(data, tmp_path, monkeypatch):
     assert "autocast bf16 on GPU (CPU: fp32)" in cards[0] and "autocast bf16 on GPU, bf16 on CPU" in cards[1]
     assert "re-windowed" not in cards[0] and "re-windowed to [-160.0, 240.0] HU" in cards[1]
     assert "blobness" not in cards[0] and "Hessian blobness at 8.0 mm, Hessian blobness at 16.0 mm" in cards[1]
-    assert "blobness maximum per token" in cards[1]
+    assert "blobness maximum per token" in cards[1] and "per-label blobness readout" in cards[1]
+    readout = final_state(tmp_path / "bf16")["evidence_weights"]
+    assert readout.shape == (len(LABELS), 2) and readout.abs().sum() > 0  # trained from zero by the MIL term
 
 
 def test_grounded_localization_term_is_trained_and_logged(data, tmp_path):

@@ -118,7 +118,7 @@ class TrainStep(torch.nn.Module):
             terms["mil"] = L.mil_disease_loss(
                 label_tokens, pos, neg, batch["labels"].to(label_tokens.device), m.mil_logit_scale,
                 m.label_bias(mil=True), r=m.config.mil_r, token_mask=self._mil_mask(batch, label_tokens.device),
-                n_ref=math.prod(m.config.token_grid()),
+                n_ref=math.prod(m.config.token_grid()), extra=m.evidence_logits(emb.evidence, None, pos.shape[0]),
             )
         owner = batch["snippet_owner"].to(emb.bins.device)
         grounded = lc.token_localization.enabled and getattr(m.config, "token_localization", False)

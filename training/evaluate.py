@@ -56,7 +56,8 @@ class ModelPredictor:
         m = self.model
         emb = m.encode_image(batch["image"].to(self.device, torch.float32))
         valid = batch["bin_valid"].to(self.device)
-        logits = m.final_disease_logits(emb.pooled, self.pos, self.neg, tokens=m.label_tokens(emb), mask=valid)
+        logits = m.final_disease_logits(emb.pooled, self.pos, self.neg, tokens=m.label_tokens(emb), mask=valid,
+                                        evidence=emb.evidence)
         probs = torch.sigmoid(logits).float().cpu().numpy()
         reports = m.encode_reports(batch["text"]).float().cpu().numpy()
         bins = []
@@ -68,8 +69,9 @@ class ModelPredictor:
             bins = list(logits.masked_fill(~valid, float("-inf")).float().cpu().numpy())  # argmax over the scan
         heats, label_tokens = [], m.label_tokens(emb)
         for i, labs in enumerate(heat_labels):
+            ev = emb.evidence[i : i + 1] if emb.evidence is not None else None
             heats.append({lab: m.disease_heatmap_logits(label_tokens[i : i + 1], [LABELS[lab]], self.pos[lab : lab + 1],
-                                                         self.neg[lab : lab + 1])[0, 0].float().cpu().numpy()
+                                                         self.neg[lab : lab + 1], ev)[0, 0].float().cpu().numpy()
                           for lab in labs})
         return {"probs": probs, "image": emb.pooled.float().cpu().numpy(), "report": reports, "bins": bins,
                 "heat": heats}

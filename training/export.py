@@ -49,7 +49,8 @@ def model_card(ck: dict, eval_report: dict | None) -> str:
         "- input channels: the windowed image" + "".join(f", re-windowed to {[float(v) for v in w]} HU"
                                                          for w in mc.get("input_windows_hu") or ())
         + "".join(f", Hessian blobness at {float(sc)} mm" for sc in mc.get("input_blob_scales_mm") or ())
-        + ("; blobness maximum per token beside the densitometry features" if mc.get("blob_tokens") else ""),
+        + ("; blobness maximum per token beside the densitometry features" if mc.get("blob_tokens") else "")
+        + ("; per-label blobness readout added to the token-level disease logits" if mc.get("blob_readout") else ""),
         "",
         "## Training data",
         f"- {cfg.data.root} split '{cfg.data.train_split}' (CT-RATE layout)"

@@ -92,16 +92,17 @@ def disease_prompt_loss(pooled: Tensor, pos_emb: Tensor, neg_emb: Tensor, labels
 def mil_disease_loss(tokens: Tensor, pos_emb: Tensor, neg_emb: Tensor, labels: Tensor,
                      log_scale: Tensor | float = math.log(10.0), bias: Tensor | None = None, r: float = 5.0,
                      token_mask: Tensor | None = None, n_ref: int | None = None, mask: Tensor | None = None,
-                     pos_weight: Tensor | None = None) -> Tensor:
+                     pos_weight: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
     """Masked BCE on the LSE-pooled token-level disease logits (`ctvl.model.mil_disease_logits`), mean over valid
     labels: z_l(x) = t*(cos(tok_x,pos_l) - cos(tok_x,neg_l)) + b_l, volume logit (1/r) log(sum_x exp(r z_l(x)) / N).
 
     tokens [B,d,h,w,E] (encode_image's, any norm); pos/neg [L,E]; labels [B,L] (NaN / -1 = missing);
-    token_mask [B,d] (valid depth bins) or [B,d,h,w] bool; n_ref: N (default: number of valid tokens).
+    token_mask [B,d] (valid depth bins) or [B,d,h,w] bool; n_ref: N (default: number of valid tokens); extra
+    [B,L,d,h,w] is added to z (the model's `evidence_logits`).
     Pass the model's `mil_logit_scale`, `label_bias(labels, mil=True)`, `config.mil_r` and
     `prod(config.token_grid())` (or use `combined_loss(model=...)`) so training and inference agree.
     """
-    logits = mil_disease_logits(tokens, pos_emb, neg_emb, log_scale, bias, r, token_mask, n_ref)
+    logits = mil_disease_logits(tokens, pos_emb, neg_emb, log_scale, bias, r, token_mask, n_ref, extra)
     valid = label_mask(labels, mask)
     target = torch.where(valid, labels, torch.zeros_like(labels)).to(logits.dtype)
     per = F.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=pos_weight)

@@ -123,7 +123,7 @@ def encode(volume: Volume, model: torch.nn.Module, progress: ProgressFn | None =
 
     device = model_device(model)
     t1 = time.perf_counter()
-    tokens_acc = bins_acc = pooled_acc = local_acc = None
+    tokens_acc = bins_acc = pooled_acc = local_acc = evidence_acc = None
     weight_tok = None
     patch: tuple[int, int, int] | None = None
     with model_lock(model), torch.no_grad(), CancelHooks(model, steps), autocast(device):
@@ -136,6 +136,8 @@ def encode(volume: Volume, model: torch.nn.Module, progress: ProgressFn | None =
             pooled = out.pooled[0].float()
             local = getattr(out, "local", None)  # label-heatmap tokens (config.mil_local)
             local = local[0].float() if local is not None else None
+            evidence = getattr(out, "evidence", None)  # blobness evidence per label token (config.blob_readout)
+            evidence = evidence[0].float() if evidence is not None else None
             if patch is None:
                 d_tok, h_tok, w_tok = tokens.shape[:3]
                 patch = (depth // d_tok, height // h_tok, width // w_tok)
@@ -146,12 +148,16 @@ def encode(volume: Volume, model: torch.nn.Module, progress: ProgressFn | None =
                 weight_tok = torch.zeros(n_tok, device=device)
                 if local is not None:
                     local_acc = torch.zeros_like(tokens_acc)
+                if evidence is not None:
+                    evidence_acc = torch.zeros((n_tok, h_tok, w_tok, evidence.shape[-1]), device=device)
             hat = torch.from_numpy(hat_weights(tokens.shape[0])).to(device) if len(starts) > 1 else \
                 torch.ones(tokens.shape[0], device=device)
             sl = slice(start // patch[0], start // patch[0] + tokens.shape[0])
             tokens_acc[sl] += tokens * hat[:, None, None, None]
             if local_acc is not None:
                 local_acc[sl] += local * hat[:, None, None, None]
+            if evidence_acc is not None:
+                evidence_acc[sl] += evidence * hat[:, None, None, None]
             bins_acc[sl] += bins * hat[:, None]
             weight_tok[sl] += hat
             pooled_acc += pooled
@@ -159,13 +165,15 @@ def encode(volume: Volume, model: torch.nn.Module, progress: ProgressFn | None =
     tokens_acc /= weight_tok[:, None, None, None]
     if local_acc is not None:
         local_acc /= weight_tok[:, None, None, None]
+    if evidence_acc is not None:
+        evidence_acc /= weight_tok[:, None, None, None]
     bins_acc = torch.nn.functional.normalize(bins_acc / weight_tok[:, None], dim=-1)
     pooled_acc = torch.nn.functional.normalize(pooled_acc / len(starts), dim=-1)
     timing["encode"] = time.perf_counter() - t1
     steps.report(1.0, "encoded")
     return VolumeEncoding(volume=volume, model=model, tokens=tokens_acc, bins=bins_acc, pooled=pooled_acc,
                           model_ijk_to_ras=grid, model_shape=(total_d, height, width), patch=patch,
-                          timing=timing, label_tokens=local_acc)
+                          timing=timing, label_tokens=local_acc, evidence=evidence_acc)
 
 
 def _patch_size(model: Any) -> tuple[int, int, int]:
@@ -205,6 +213,8 @@ class VolumeEncoding:
     timing: dict[str, float] = field(default_factory=dict)
     # [d, h, w, E] tokens of the label heatmaps and the MIL logit when the model has its own (config.mil_local)
     label_tokens: torch.Tensor | None = None
+    # [d, h, w, S] blobness evidence of the label tokens when the model weighs it (config.blob_readout)
+    evidence: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         state = model_state(self.model)
@@ -262,7 +272,8 @@ class VolumeEncoding:
             if hasattr(self.model, "final_disease_logits"):  # pooled zero-shot (+ token-level MIL when trained)
                 mask = torch.as_tensor(self.valid_bins(), device=self.tokens.device)[None]
                 logits = self.model.final_disease_logits(self.pooled[None].float(), pos, neg, labels=labels,
-                                                         tokens=self._label_tokens()[None].float(), mask=mask)
+                                                         tokens=self._label_tokens()[None].float(), mask=mask,
+                                                         **self._evidence_kwargs())
             else:
                 logits = self.model.disease_logits(self.pooled[None].float(), pos, neg, labels=labels)
             probs = torch.sigmoid(logits.float()).reshape(-1).cpu().numpy()
@@ -272,6 +283,10 @@ class VolumeEncoding:
     def _label_tokens(self) -> torch.Tensor:
         return self.label_tokens if self.label_tokens is not None else self.tokens
 
+    def _evidence_kwargs(self) -> dict[str, torch.Tensor]:
+        """{"evidence": [1,d,h,w,S]} for a model with the blobness readout, else {} (other models lack the keyword)."""
+        return {"evidence": self.evidence[None].float()} if self.evidence is not None else {}
+
     def token_scores(self, label_or_text: str) -> torch.Tensor:
         """Per-token heatmap logits [d, h, w]: a known label's token-level disease logit (positive vs negative
         prompt, the map the disease probability pools over), or cos(token, text) * t for free text."""
@@ -279,7 +294,8 @@ class VolumeEncoding:
         if text in self.labels() and hasattr(self.model, "disease_heatmap_logits"):
             pos, neg = (e.to(self.tokens.device) for e in self.prompt_embeddings([text]))
             with self._lock, torch.no_grad():
-                z = self.model.disease_heatmap_logits(self._label_tokens()[None].float(), [text], pos, neg)
+                z = self.model.disease_heatmap_logits(self._label_tokens()[None].float(), [text], pos, neg,
+                                                      **self._evidence_kwargs())
             return z.reshape(self.tokens.shape[:3]).float()
         emb = self.text_embedding(text).to(self.tokens.device)
         with self._lock, torch.no_grad():

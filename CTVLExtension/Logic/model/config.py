@@ -92,6 +92,9 @@ class ModelConfig:
     # the blobness channels' compressed maximum per label token joins the token's densitometry features (a direct
     # path from the CAD filter to the MIL logit; needs input_blob_scales_mm and density_edges_hu)
     blob_tokens: bool = False
+    # a learned weight per (label, blobness channel) on each label token's blobness maximum, added to its token-level
+    # disease logit (MIL and heatmaps): the filter's evidence reaches the label scores without the token's cosine
+    blob_readout: bool = False
     # joint space
     shared_dim: int = 128
     proj_hidden: int = 256
@@ -196,6 +199,8 @@ class ModelConfig:
                 bad("density_regions must be 3 positive counts")
         if self.blob_tokens and not (self.input_blob_scales_mm and self.density_edges_hu):
             bad("blob_tokens needs input_blob_scales_mm and density_edges_hu")
+        if self.blob_readout and not (self.input_blob_scales_mm and self.mil_disease):
+            bad("blob_readout needs input_blob_scales_mm and mil_disease")
         if self.mil_local and not (self.uses_dense_head() and self.mil_disease):
             bad("mil_local needs dense_head (hybrid encoder) and mil_disease")
         if self.mil_r <= 0:

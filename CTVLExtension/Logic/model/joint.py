@@ -16,7 +16,8 @@ Scores (all from cosine similarities of L2-normalised embeddings):
   volume logit by LSE pooling (1/r) log(sum_x exp(r z_l(x)) / N_ref), r = config.mil_r, N_ref = number of tokens
   of the training input (`config.token_grid()`), so a longer scan at inference is not penalised for its extra
   background tokens. `disease_heatmap_logits` is the label heatmap (the z map); trained by
-  training.losses.mil_disease_loss.
+  training.losses.mil_disease_loss. With config.blob_readout, z_l(x) also gets g * w_l . e(x), a learned per-label
+  readout of the token's blobness evidence e(x) (ImageEmbeddings.evidence; `evidence_logits`).
 - Final disease probability (`disease_probabilities` / `final_disease_logits`): sigmoid of the mean of the pooled
   zero-shot logit and the MIL logit when mil_disease is on (each is BCE-calibrated on its own; the pooled one is
   better for diffuse findings, the MIL one for focal findings), else of the pooled logit.
@@ -58,15 +59,20 @@ from ctvl.model.vision import DenseHead, VisionEncoder, _groups, _init_weights
 from ctvl.prompts import LABELS, disease_prompts, prompt_table
 from torch import Tensor, nn
 
+EVIDENCE_GAIN = 4.0  # see CTVLModel.evidence_logits
+
 
 class ImageEmbeddings(NamedTuple):
     """tokens [B,d,h,w,E] projected (not normalised), pooled [B,E] and bins [B,d,E] L2-normalised; with
-    `config.mil_local` also local [B,d,h,w,E], the tokens of the label heatmaps (see `CTVLModel.label_tokens`)."""
+    `config.mil_local` also local [B,d,h,w,E], the tokens of the label heatmaps (see `CTVLModel.label_tokens`); with
+    `config.blob_readout` also evidence [B,d,h,w,S], the compressed blobness maximum of each label token, which the
+    per-label readout weighs (`CTVLModel.evidence_logits`)."""
 
     tokens: Tensor
     pooled: Tensor
     bins: Tensor
     local: Tensor | None = None
+    evidence: Tensor | None = None
 
 
 class CTVLOutput(NamedTuple):
@@ -101,8 +107,9 @@ def disease_logits(pooled: Tensor, pos_emb: Tensor, neg_emb: Tensor, log_scale: 
 
 
 def token_disease_logits(tokens: Tensor, pos_emb: Tensor, neg_emb: Tensor, log_scale: Tensor | float,
-                         bias: Tensor | None = None) -> Tensor:
-    """Per-token logits t*(cos(tok,pos) - cos(tok,neg)) + bias: tokens [B,...,E] (any norm) -> [B,L,...]."""
+                         bias: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
+    """Per-token logits t*(cos(tok,pos) - cos(tok,neg)) + bias (+ extra [B,L,...], e.g. the blobness readout):
+    tokens [B,...,E] (any norm) -> [B,L,...]."""
     b, e = tokens.shape[0], tokens.shape[-1]
     spatial = tokens.shape[1:-1]
     t = tokens.reshape(b, -1, e)
@@ -113,6 +120,8 @@ def token_disease_logits(tokens: Tensor, pos_emb: Tensor, neg_emb: Tensor, log_s
     z = scale * torch.einsum("bne,le->bln", t, pos_emb - neg_emb) / norm[:, None, :]
     if bias is not None:
         z = z + bias[None, :, None]
+    if extra is not None:
+        z = z + extra.reshape(b, z.shape[1], -1).to(z.dtype)
     return z.reshape(b, -1, *spatial)
 
 
@@ -137,13 +146,13 @@ def lse_pool(z: Tensor, r: float, mask: Tensor | None = None, n_ref: int | None 
 
 def mil_disease_logits(tokens: Tensor, pos_emb: Tensor, neg_emb: Tensor, log_scale: Tensor | float,
                        bias: Tensor | None = None, r: float = 5.0, mask: Tensor | None = None,
-                       n_ref: int | None = None) -> Tensor:
-    """[B,L] volume logits: LSE pooling (see `lse_pool`) of `token_disease_logits` over all tokens.
+                       n_ref: int | None = None, extra: Tensor | None = None) -> Tensor:
+    """[B,L] volume logits: LSE pooling (see `lse_pool`) of `token_disease_logits` (+ `extra`) over all tokens.
 
     tokens [B,d,h,w,E] (or [B,N,E]); mask [B,d,h,w] / [B,N] bool (valid tokens) or [B,d] (valid depth bins), or
     per label [B,L,d] (depth bins pooled for each label, e.g. report-guided MIL in training).
     """
-    z = token_disease_logits(tokens, pos_emb, neg_emb, log_scale, bias)  # [B,L,...]
+    z = token_disease_logits(tokens, pos_emb, neg_emb, log_scale, bias, extra)  # [B,L,...]
     b, n_lab = z.shape[:2]
     flat = z.reshape(b, n_lab, -1)
     m = None
@@ -278,6 +287,9 @@ class CTVLModel(nn.Module):
                     "token": RunningStandardize(kt), "bin": RunningStandardize(4 * k),
                     "pooled": RunningStandardize(k * math.prod(config.density_regions))})
         self.label_adapters = nn.Parameter(torch.zeros(len(LABELS), 2, e)) if config.label_adapters else None
+        # per-label weights on the label tokens' blobness evidence, added to their token-level disease logits
+        self.evidence_weights = (nn.Parameter(torch.zeros(len(LABELS), len(config.input_blob_scales_mm)))
+                                 if config.blob_readout else None)
         self.pool = AttentionPool(c, config.num_heads) if config.pooling in ("attention", "max+attention") else None
         # "max+attention": pooled = W [max_x tok(x); attention-pooled] (the max carries focal findings)
         self.pool_mix = nn.Linear(2 * e, e) if config.pooling == "max+attention" else None
@@ -348,7 +360,7 @@ class CTVLModel(nn.Module):
                 pooled, bin_feats = pooled + dens[2], bin_feats + dens[1]
             bins = self.bin_head(self.bin_combiner(bin_feats))  # [B,d,E]
             return ImageEmbeddings(tokens.reshape(b, d, h, w, -1), F.normalize(pooled, dim=-1),
-                                   F.normalize(bins, dim=-1))
+                                   F.normalize(bins, dim=-1), None, self._evidence(x, (d, h, w)))
         mixed = self.dense(feats, skip).contiguous(memory_format=torch.channels_last_3d)  # [B,Cd,D',H',W']
         fine = tuple(mixed.shape[2:])
         # channels-last all the way: the permuted views below are contiguous [B,D',H',W',E] (no copies)
@@ -380,7 +392,32 @@ class CTVLModel(nn.Module):
             local = self.local_token(self.local(skip).permute(0, 2, 3, 4, 1))  # [B,D',H',W',E]
             if dens is not None:
                 local = local + dens[0]
-        return ImageEmbeddings(dense, F.normalize(pooled, dim=-1), F.normalize(bins, dim=-1), local)
+        return ImageEmbeddings(dense, F.normalize(pooled, dim=-1), F.normalize(bins, dim=-1), local,
+                               self._evidence(x, fine))
+
+    def _evidence(self, x: Tensor, grid: tuple[int, ...]) -> Tensor | None:
+        """[B,d,h,w,S] compressed blobness maximum per label token with `config.blob_readout`, else None."""
+        if self.evidence_weights is None:
+            return None
+        return token_blob_features(x[:, 1:], self.config.downsample(), tuple(grid)).permute(0, 2, 3, 4, 1)
+
+    def evidence_logits(self, evidence: Tensor | None, labels: list[str] | tuple[str, ...] | None,
+                        n_rows: int | None = None) -> Tensor | None:
+        """[B,L,d,h,w]: the per-label readout g * sum_s w_{l,s} e_s(x) of the evidence [B,d,h,w,S] (0 for labels
+        outside the CT-RATE set, e.g. free text), added to the token-level disease logits; None without it. `labels`
+        None means all CT-RATE labels (when `n_rows` is None or equals their count). g = EVIDENCE_GAIN: Adam moves a
+        weight by ~lr per step, and the gain lets w (init 0) span the logits' range (~ +-4 for evidence ~0-2.5)
+        within the demo's budget."""
+        if evidence is None or self.evidence_weights is None:
+            return None
+        if labels is None:
+            if n_rows not in (None, len(LABELS)):
+                return None
+            labels = LABELS
+        idx = {name: i for i, name in enumerate(LABELS)}
+        zero = self.evidence_weights.new_zeros(self.evidence_weights.shape[1])
+        w = torch.stack([self.evidence_weights[idx[lab]] if lab in idx else zero for lab in labels])  # [L,S]
+        return EVIDENCE_GAIN * torch.einsum("bdhws,ls->bldhw", evidence.to(w.dtype), w)
 
     @staticmethod
     def label_tokens(image: ImageEmbeddings) -> Tensor:
@@ -497,34 +534,40 @@ class CTVLModel(nn.Module):
         return scale, (self.label_bias(labels, mil=True) if labels is not None else None)
 
     def disease_heatmap_logits(self, tokens: Tensor, labels: list[str] | tuple[str, ...] | None = None,
-                               pos_emb: Tensor | None = None, neg_emb: Tensor | None = None) -> Tensor:
+                               pos_emb: Tensor | None = None, neg_emb: Tensor | None = None,
+                               evidence: Tensor | None = None) -> Tensor:
         """Label heatmaps: token-level disease logits z_l(x) [B,L,d,h,w] (see module docstring).
 
         tokens [B,d,h,w,E] from encode_image; prompt embeddings are computed from `labels` unless pos/neg [L,E]
         are given (then `labels` only names their rows for the bias). Without mil_disease the pooled zero-shot
-        scale and bias are used per token.
+        scale and bias are used per token. `evidence` (ImageEmbeddings.evidence) adds the blobness readout.
         """
         if pos_emb is None or neg_emb is None:
             labels = list(labels or LABELS)
             pos_emb, neg_emb = self.prompt_embeddings(labels)
         scale, bias = self._mil_params(pos_emb.shape[0], labels)
-        return token_disease_logits(tokens, pos_emb, neg_emb, scale, bias)
+        extra = self.evidence_logits(evidence, labels, pos_emb.shape[0])
+        return token_disease_logits(tokens, pos_emb, neg_emb, scale, bias, extra)
 
     def mil_logits(self, tokens: Tensor, pos_emb: Tensor, neg_emb: Tensor,
-                   labels: list[str] | tuple[str, ...] | None = None, mask: Tensor | None = None) -> Tensor:
+                   labels: list[str] | tuple[str, ...] | None = None, mask: Tensor | None = None,
+                   evidence: Tensor | None = None) -> Tensor:
         """[B,L] volume logits: LSE pooling of `disease_heatmap_logits` (r = config.mil_r, N_ref = training grid)."""
         scale, bias = self._mil_params(pos_emb.shape[0], labels)
         n_ref = int(math.prod(self.config.token_grid()))
-        return mil_disease_logits(tokens, pos_emb, neg_emb, scale, bias, self.config.mil_r, mask, n_ref)
+        extra = self.evidence_logits(evidence, labels, pos_emb.shape[0])
+        return mil_disease_logits(tokens, pos_emb, neg_emb, scale, bias, self.config.mil_r, mask, n_ref, extra)
 
     def final_disease_logits(self, pooled: Tensor, pos_emb: Tensor, neg_emb: Tensor,
                              labels: list[str] | tuple[str, ...] | None = None,
-                             tokens: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+                             tokens: Tensor | None = None, mask: Tensor | None = None,
+                             evidence: Tensor | None = None) -> Tensor:
         """[B,L]: mean of the pooled zero-shot and MIL logits when mil_disease is on and tokens are given, else the
-        pooled zero-shot logit. `mask` [B,d] (or [B,d,h,w]) marks the tokens inside the scan, as in training."""
+        pooled zero-shot logit. `mask` [B,d] (or [B,d,h,w]) marks the tokens inside the scan, as in training;
+        `evidence` (ImageEmbeddings.evidence) adds the blobness readout to the MIL logit."""
         logits = self.disease_logits(pooled, pos_emb, neg_emb, labels)
         if tokens is not None and self.config.mil_disease:
-            logits = 0.5 * (logits + self.mil_logits(tokens, pos_emb, neg_emb, labels, mask=mask))
+            logits = 0.5 * (logits + self.mil_logits(tokens, pos_emb, neg_emb, labels, mask=mask, evidence=evidence))
         return logits
 
     def disease_logits(self, pooled: Tensor, pos_emb: Tensor, neg_emb: Tensor,
@@ -538,14 +581,14 @@ class CTVLModel(nn.Module):
     @torch.no_grad()
     def disease_probabilities(self, pooled: Tensor, labels: list[str] | tuple[str, ...] | None = None,
                               tokens: Tensor | None = None, pos_emb: Tensor | None = None,
-                              neg_emb: Tensor | None = None) -> Tensor:
+                              neg_emb: Tensor | None = None, evidence: Tensor | None = None) -> Tensor:
         """[B,L] probabilities = sigmoid(final_disease_logits): with mil_disease and `tokens` [B,d,h,w,E] given,
         sigmoid of the mean of the pooled zero-shot logit and the token-level MIL logit; else the pooled one.
         Prompt embeddings are computed from `labels` unless pos_emb/neg_emb [L,E] are given."""
         labels = list(labels or LABELS)
         if pos_emb is None or neg_emb is None:
             pos_emb, neg_emb = self.prompt_embeddings(labels)
-        return torch.sigmoid(self.final_disease_logits(pooled, pos_emb, neg_emb, labels, tokens))
+        return torch.sigmoid(self.final_disease_logits(pooled, pos_emb, neg_emb, labels, tokens, evidence=evidence))
 
     def siglip_logits(self, img: Tensor, txt: Tensor) -> Tensor:
         return img @ txt.t() * self.logit_scale.exp() + self.logit_bias
