@@ -189,6 +189,26 @@ def test_mil_disease_loss_matches_numpy_with_masks():
     assert got == pytest.approx(_np_mil_loss(*args, token_mask=tmask, n_ref=12), rel=1e-10)
 
 
+def test_mil_extra_token_logits_add_to_z():
+    g = torch.Generator().manual_seed(47)
+    tokens = torch.randn(2, 3, 2, 2, 6, generator=g, dtype=torch.float64)
+    pos, neg = _unit(2, 6, seed=48), _unit(2, 6, seed=49)
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    bias = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    shift = torch.tensor([1.5, -0.25], dtype=torch.float64)
+    const = shift[None, :, None, None, None].expand(2, 2, 3, 2, 2)  # a per-label constant: the same as a bias
+    got = mil_disease_loss(tokens, pos, neg, labels, math.log(7.0), bias, extra=const).item()
+    assert got == pytest.approx(mil_disease_loss(tokens, pos, neg, labels, math.log(7.0), bias + shift).item(),
+                                rel=1e-12)
+    extra = torch.randn(2, 2, 3, 2, 2, generator=g, dtype=torch.float64)  # per token: not a bias
+    direct = mil_disease_loss(tokens, pos, neg, labels, math.log(7.0), bias, extra=extra)
+    assert direct.item() != pytest.approx(mil_disease_loss(tokens, pos, neg, labels, math.log(7.0), bias).item())
+    total, _ = combined_loss(LossConfig(siglip=False, disease=False, mil=True, localization=False), tokens=tokens,
+                             pos_emb=pos, neg_emb=neg, labels=labels, mil_log_scale=math.log(7.0), mil_bias=bias,
+                             mil_extra=extra)
+    assert total.item() == pytest.approx(direct.item(), rel=1e-12)
+
+
 def test_mil_smooth_max_localises_the_gradient():
     # one token aligned with the positive prompt: the loss for a positive label pulls mostly on that token
     pos, neg = _unit(1, 6, seed=43), _unit(1, 6, seed=44)

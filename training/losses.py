@@ -217,7 +217,7 @@ def combined_loss(cfg: LossConfig, *, model=None, img_pooled: Tensor | None = No
                   disease_log_scale: Tensor | float | None = None, disease_bias: Tensor | None = None,
                   tokens: Tensor | None = None, token_mask: Tensor | None = None,
                   mil_log_scale: Tensor | float | None = None, mil_bias: Tensor | None = None,
-                  mil_r: float | None = None, mil_n_ref: int | None = None,
+                  mil_r: float | None = None, mil_n_ref: int | None = None, mil_extra: Tensor | None = None,
                   bins: Tensor | None = None, valid_bins: Tensor | None = None, snippet_emb: Tensor | None = None,
                   target_bin: Tensor | None = None, target_end: Tensor | None = None,
                   volume_index: Tensor | None = None, group=None) -> tuple[Tensor, dict[str, float]]:
@@ -226,6 +226,7 @@ def combined_loss(cfg: LossConfig, *, model=None, img_pooled: Tensor | None = No
     With `model` (a CTVLModel or DDP-unwrapped one), logit_scale/bias, the disease scale and the 18-label bias
     default to the model's parameters (disease bias only when pos_emb has one row per ctvl.prompts.LABELS); so do
     the MIL scale / bias (the model's MIL ones with config.mil_disease, else the pooled ones), r and N_ref.
+    `mil_extra` [B,L,d,h,w] is added to the token logits (the model's `evidence_logits` with config.blob_readout).
     """
     parts: dict[str, Tensor] = {}
     if model is not None:
@@ -252,7 +253,8 @@ def combined_loss(cfg: LossConfig, *, model=None, img_pooled: Tensor | None = No
     if cfg.mil and tokens is not None and pos_emb is not None and labels is not None:
         scale = math.log(10.0) if mil_log_scale is None else mil_log_scale
         parts["mil"] = cfg.mil_weight * mil_disease_loss(tokens, pos_emb, neg_emb, labels, scale, mil_bias,
-                                                         5.0 if mil_r is None else mil_r, token_mask, mil_n_ref)
+                                                         5.0 if mil_r is None else mil_r, token_mask, mil_n_ref,
+                                                         extra=mil_extra)
     if cfg.localization and bins is not None and snippet_emb is not None and target_bin is not None \
             and snippet_emb.shape[0] > 0:
         parts["localization"] = cfg.localization_weight * localization_loss(
