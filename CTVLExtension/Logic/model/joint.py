@@ -83,6 +83,13 @@ class CTVLOutput(NamedTuple):
     report: Tensor | None
 
 
+def label_rows(param: Tensor, labels: list[str] | tuple[str, ...]) -> Tensor:
+    """Rows of a per-CT-RATE-label parameter [len(LABELS), ...] for `labels`; zeros for any other label (free text)."""
+    idx = {name: i for i, name in enumerate(LABELS)}
+    zero = param.new_zeros(param.shape[1:])
+    return torch.stack([param[idx[lab]] if lab in idx else zero for lab in labels])
+
+
 def mlp_head(din: int, hidden: int, dout: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(din), nn.Linear(din, hidden), nn.GELU(), nn.Linear(hidden, dout))
 
@@ -406,17 +413,16 @@ class CTVLModel(nn.Module):
         """[B,L,d,h,w]: the per-label readout g * sum_s w_{l,s} e_s(x) of the evidence [B,d,h,w,S] (0 for labels
         outside the CT-RATE set, e.g. free text), added to the token-level disease logits; None without it. `labels`
         None means all CT-RATE labels (when `n_rows` is None or equals their count). g = EVIDENCE_GAIN: Adam moves a
-        weight by ~lr per step, and the gain lets w (init 0) span the logits' range (~ +-4 for evidence ~0-2.5)
-        within the demo's budget."""
+        weight by ~lr per step, and the gain is meant to let w (init 0) reach the logits' range (~ +-4 for evidence
+        ~0-2.5) within the demo's budget; in the one demo-recipe run, under weight decay, the weights stayed near 0
+        (README)."""
         if evidence is None or self.evidence_weights is None:
             return None
         if labels is None:
             if n_rows not in (None, len(LABELS)):
                 return None
             labels = LABELS
-        idx = {name: i for i, name in enumerate(LABELS)}
-        zero = self.evidence_weights.new_zeros(self.evidence_weights.shape[1])
-        w = torch.stack([self.evidence_weights[idx[lab]] if lab in idx else zero for lab in labels])  # [L,S]
+        w = label_rows(self.evidence_weights, labels)  # [L,S]
         return EVIDENCE_GAIN * torch.einsum("bdhws,ls->bldhw", evidence.to(w.dtype), w)
 
     @staticmethod
@@ -522,10 +528,7 @@ class CTVLModel(nn.Module):
     def label_bias(self, labels: list[str] | tuple[str, ...] | None = None, mil: bool = False) -> Tensor:
         """Per-label calibration bias [L] (learned for the CT-RATE labels, 0 for others); `mil`: the MIL bias."""
         labels = list(labels or LABELS)
-        param = self.mil_bias if mil and self.config.mil_disease else self.disease_bias
-        idx = {name: i for i, name in enumerate(LABELS)}
-        zero = param.new_zeros(())
-        return torch.stack([param[idx[lab]] if lab in idx else zero for lab in labels])
+        return label_rows(self.mil_bias if mil and self.config.mil_disease else self.disease_bias, labels)
 
     def _mil_params(self, n_rows: int, labels) -> tuple[Tensor, Tensor | None]:
         if labels is None and n_rows == len(LABELS):
