@@ -48,4 +48,5 @@ def headline(report: dict) -> dict[str, float | None]:
         "pointing_within_tolerance": h.get("pointing_game_within_tolerance"),
         "median_peak_distance_mm": h.get("median_peak_distance_mm"),
         "mass_in_mask": h.get("mass_in_mask"),
+        "intervals": report.get("intervals"),
     }

@@ -36,6 +36,14 @@ ORACLE_KEYS = ("pointing_game", "pointing_game_per_finding", "pointing_within_to
                 "mass_in_mask")  # the rows the mask baseline speaks to; its other figures are the prevalence baseline's
 
 
+def _cell(row: dict, key: str, digits: int, column: str) -> str:
+    """A quality-table cell: the figure, and for the model its bootstrap interval where one was computed."""
+    if column == "mask" and key not in ORACLE_KEYS:
+        return _f(None)
+    ci = (row.get("intervals") or {}).get(key) if column == "model" else None
+    return _f(row.get(key), digits) + (f" [{ci[0]:.{digits}f}–{ci[1]:.{digits}f}]" if ci else "")
+
+
 def quality_section(q: dict) -> list[str]:
     cols = [k for k in ("model", "random", "prevalence", "mask") if k in q["headline"]]
     names = {"model": "demo model", "random": "random baseline", "prevalence": "prevalence baseline",
@@ -58,9 +66,12 @@ def quality_section(q: dict) -> list[str]:
            "| metric | " + " | ".join(names[c] for c in cols) + " | target |",
            "|---|" + "---|" * (len(cols) + 1)]
     for title, key, digits, target in rows:
-        out.append(f"| {title} | " + " | ".join(
-            _f(q["headline"][c].get(key) if c != "mask" or key in ORACLE_KEYS else None, digits) for c in cols)
+        out.append(f"| {title} | " + " | ".join(_cell(q["headline"][c], key, digits, c) for c in cols)
                    + f" | {target} |")
+    method = (q["headline"].get("model", {}).get("intervals") or {}).get("method")
+    if method:
+        out += ["", f"Brackets: 95% intervals of the demo model's figures ({method}), how far they could move on "
+                "another phantom split of the same size."]
     if "mask" in cols:
         out += ["", "The oracle column is no model: its heatmaps are the phantom masks averaged onto the demo "
                 "model's token grid (`--baseline mask`), what a heatmap that knows the answer scores at that "

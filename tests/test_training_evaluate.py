@@ -125,3 +125,25 @@ def test_cli_evaluate_refuses_cuda_without_a_gpu_in_one_line(setup, tmp_path, ca
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "CUDA is not available" in err[0] and not out.exists()
+
+
+def test_intervals_resample_volumes_and_bracket_the_figures():
+    from training.evaluate import intervals
+    from training.metrics import mean_auroc
+
+    rng = np.random.default_rng(0)
+    names = [f"v{i}" for i in range(40)]
+    labels = (rng.random((40, 3)) < 0.5).astype(float)
+    probs = rng.random((40, 3)) + 0.5 * labels
+    # v0 holds 30 snippets 50 mm off, every other volume one 5 mm off: the median is 5 mm unless a draw holds v0
+    # twice (about a quarter of the draws), so the interval spans 5-50 mm; resampling snippets would stay near 5
+    loc = [{"volume": "v0", "err_mm": 50.0, "within": False} for _ in range(30)]
+    loc += [{"volume": n, "err_mm": 5.0, "within": True} for n in names[1:]]
+    points = [{"volume": n, "hit": i % 2 == 0} for i, n in enumerate(names)]
+    ci = intervals(names, probs, labels, loc, points, n_boot=500, seed=0)
+    assert ci["auroc"][0] < mean_auroc(labels, probs) < ci["auroc"][1]
+    assert ci["loc_median_mm"][0] == 5.0 and ci["loc_median_mm"][1] == 50.0  # v0 drawn 0 or >= 2 times
+    assert 0 < ci["loc_within_pct"][0] < ci["loc_within_pct"][1] <= 100
+    assert ci["pointing_game"][0] < 0.5 < ci["pointing_game"][1]
+    assert "40 volumes" in ci["method"]
+    assert intervals(names, probs, labels, [], [], n_boot=50)["loc_median_mm"] is None

@@ -78,3 +78,41 @@ def test_pooled_recall_random_is_chance():
     v = v / np.linalg.norm(v, axis=1, keepdims=True)
     r = M.pooled_recall_at_k(v, v, pool_size=100, ks=(1,))
     assert r["R@1"] == 1.0
+
+
+def test_mean_auroc_matches_sklearn_over_labels_with_both_classes():
+    rng = np.random.default_rng(4)
+    y = (rng.random((60, 4)) < 0.3).astype(float)
+    s = rng.random((60, 4)) + 0.4 * y
+    y[:, 2] = 0.0  # one class only: left out
+    y[:5, 3] = np.nan  # missing labels: rows left out of that column
+    ok = ~np.isnan(y[:, 3])
+    want = np.mean([skm.roc_auc_score(y[:, 0], s[:, 0]), skm.roc_auc_score(y[:, 1], s[:, 1]),
+                    skm.roc_auc_score(y[ok, 3], s[ok, 3])])
+    assert M.mean_auroc(y, s) == pytest.approx(want, abs=1e-12)
+    assert np.isnan(M.mean_auroc(np.zeros((5, 2)), rng.random((5, 2))))
+
+
+def test_bootstrap_interval_of_a_mean_has_the_normal_width():
+    rng = np.random.default_rng(5)
+    x = rng.normal(3.0, 2.0, size=400)
+    lo, hi = M.bootstrap_interval(len(x), lambda idx: x[idx].mean(), n_boot=2000, seed=1)
+    half = 1.96 * x.std() / np.sqrt(len(x))  # the normal approximation's 95% half-width
+    assert lo < x.mean() < hi
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.15)
+    assert M.bootstrap_interval(len(x), lambda idx: x[idx].mean(), n_boot=2000, seed=1) == (lo, hi)  # seeded
+
+
+def test_bootstrap_interval_drops_nan_draws_and_has_none_without_data():
+    x = np.array([0.0, 1.0])
+    # draws holding only unit 0 are NaN (0 of 1 in the example below): the interval comes from the others
+    lo, hi = M.bootstrap_interval(2, lambda idx: np.nan if (idx == 0).all() else float(x[idx].mean()), seed=0)
+    assert 0.5 <= lo <= hi <= 1.0
+    assert M.bootstrap_interval(3, lambda idx: np.nan) is None
+    assert M.bootstrap_interval(0, lambda idx: 1.0) is None
+
+
+def test_pick_units_keeps_a_units_rows_together_with_repeats():
+    rows = [np.array([1.0, 2.0]), np.array([]), np.array([5.0])]
+    assert M.pick_units(rows, np.array([2, 0, 2])).tolist() == [5.0, 1.0, 2.0, 5.0]
+    assert M.pick_units(rows, np.array([1])).size == 0

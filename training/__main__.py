@@ -37,7 +37,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.weights, args.data, split=args.split, val_split=args.val_split, baseline=args.baseline,
         batch_size=args.batch_size, pool_size=args.pool_size, max_volumes=args.max_volumes,
         threshold_rule=args.threshold_rule, device=args.device, cache_dir=args.cache_dir, workers=args.workers,
-        heatmaps=not args.no_heatmaps,
+        heatmaps=not args.no_heatmaps, bootstrap=max(args.bootstrap, 0),
     )
     atomic_write_bytes(Path(args.out), json.dumps(report, indent=1, default=float).encode())
     print(format_table(report))
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache-dir")
     e.add_argument("--workers", type=int, default=1)
     e.add_argument("--no-heatmaps", action="store_true")
+    e.add_argument("--bootstrap", type=int, default=1000, help="draws for the 95%% intervals over volumes (0: none)")
     e.set_defaults(run=_evaluate)
     x = sub.add_parser("export", help="checkpoint -> weights directory")
     x.add_argument("checkpoint", help="a checkpoint .pt or a run directory (latest checkpoint)")

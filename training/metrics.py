@@ -4,9 +4,12 @@
 - Threshold rules: ``youden`` (max TPR - FPR, CT-CLIP's rule) and ``f1`` (F1-optimal). Picking the threshold on
   the evaluation set itself flatters F1; the evaluator also reports thresholds fixed on a validation split.
 - Retrieval: report -> volume Recall@K inside pools of ``pool_size`` volumes.
+- Uncertainty: percentile bootstrap intervals over volumes (a volume's labels, snippets and heatmaps move together).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -106,3 +109,40 @@ def pooled_recall_at_k(
     for k in ks:
         out[f"R@{k}"] = float(np.mean([r[f"R@{k}"] for r in results]))
     return out
+
+
+def mean_auroc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Mean AUROC over the columns of [N,L] labels (NaN = missing) and scores that hold both classes; NaN if none."""
+    y, s = np.asarray(y_true, dtype=np.float64), np.asarray(score, dtype=np.float64)
+    values = []
+    for j in range(y.shape[1]):
+        ok = ~np.isnan(y[:, j])
+        pos = y[ok, j] > 0.5
+        if 0 < pos.sum() < pos.size:
+            values.append(auroc(pos, s[ok, j]))
+    return float(np.mean(values)) if values else float("nan")
+
+
+def bootstrap_interval(n_units: int, stat: Callable[[np.ndarray], float], n_boot: int = 1000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of ``stat(idx)``, idx = ``n_units`` unit indices drawn with replacement.
+
+    The units are what was sampled (volumes): every figure a volume contributes (its labels, snippets, heatmaps)
+    moves with it. Draws where ``stat`` is NaN are dropped; None when no draw is finite or ``n_units`` is 0.
+    """
+    if n_units <= 0:
+        return None
+    rng = np.random.default_rng(seed)
+    draws = np.array([stat(rng.integers(0, n_units, n_units)) for _ in range(n_boot)], dtype=np.float64)
+    draws = draws[np.isfinite(draws)]
+    if not draws.size:
+        return None
+    tail = (1.0 - level) / 2.0
+    lo, hi = np.quantile(draws, [tail, 1.0 - tail])
+    return float(lo), float(hi)
+
+
+def pick_units(values_by_unit: list[np.ndarray], idx: np.ndarray) -> np.ndarray:
+    """The values of the units ``idx`` (with repeats), concatenated: a bootstrap draw of per-unit row lists."""
+    parts = [values_by_unit[i] for i in idx]
+    return np.concatenate(parts) if parts else np.zeros(0)
