@@ -621,6 +621,15 @@ def test_blob_readout_adds_a_learned_per_label_term_to_token_logits(images, tmp_
     torch.testing.assert_close(load_weights(out_dir).evidence_weights, model.evidence_weights.detach())
     with pytest.raises(CTVLWeightsError, match="blob_readout needs"):
         cfg.replace(mil_disease=False).validate()
+    # a start above 0: every label's token logits start on the filter's evidence, the same for all labels
+    torch.manual_seed(0)
+    started = CTVLModel(cfg.replace(blob_readout_init=0.25)).eval()
+    with torch.no_grad():
+        extra = started.evidence_logits(emb.evidence.detach(), None, len(LABELS))
+    want = EVIDENCE_GAIN * 0.25 * emb.evidence.detach().sum(-1)
+    torch.testing.assert_close(extra, want[:, None].expand_as(extra))
+    with pytest.raises(CTVLWeightsError, match="blob_readout_init"):
+        cfg.replace(blob_readout_init=float("nan")).validate()
 
 
 def test_stem_residual_blocks_start_as_identity_train_and_round_trip(images, tmp_path):

@@ -95,6 +95,10 @@ class ModelConfig:
     # a learned weight per (label, blobness channel) on each label token's blobness maximum, added to its token-level
     # disease logit (MIL and heatmaps): the filter's evidence reaches the label scores without the token's cosine
     blob_readout: bool = False
+    # the readout weights' start (0: the filter plays no part until the labels pull it in; > 0: every label's
+    # heatmap starts on the filter's blobs and the scan labels keep or drop them, which a weight at 0 cannot
+    # learn when the MIL maximum sits elsewhere)
+    blob_readout_init: float = 0.0
     # joint space
     shared_dim: int = 128
     proj_hidden: int = 256
@@ -201,6 +205,8 @@ class ModelConfig:
             bad("blob_tokens needs input_blob_scales_mm and density_edges_hu")
         if self.blob_readout and not (self.input_blob_scales_mm and self.mil_disease):
             bad("blob_readout needs input_blob_scales_mm and mil_disease")
+        if not math.isfinite(self.blob_readout_init):
+            bad(f"blob_readout_init must be finite, got {self.blob_readout_init}")
         if self.mil_local and not (self.uses_dense_head() and self.mil_disease):
             bad("mil_local needs dense_head (hybrid encoder) and mil_disease")
         if self.mil_r <= 0:

@@ -295,7 +295,8 @@ class CTVLModel(nn.Module):
                     "pooled": RunningStandardize(k * math.prod(config.density_regions))})
         self.label_adapters = nn.Parameter(torch.zeros(len(LABELS), 2, e)) if config.label_adapters else None
         # per-label weights on the label tokens' blobness evidence, added to their token-level disease logits
-        self.evidence_weights = (nn.Parameter(torch.zeros(len(LABELS), len(config.input_blob_scales_mm)))
+        self.evidence_weights = (nn.Parameter(torch.full((len(LABELS), len(config.input_blob_scales_mm)),
+                                                         float(config.blob_readout_init)))
                                  if config.blob_readout else None)
         self.pool = AttentionPool(c, config.num_heads) if config.pooling in ("attention", "max+attention") else None
         # "max+attention": pooled = W [max_x tok(x); attention-pooled] (the max carries focal findings)
