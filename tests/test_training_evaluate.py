@@ -33,6 +33,8 @@ def test_model_report(setup):
     assert rep["n_volumes"] == 6 and rep["retrieval"]["pool_size"] == 6
     c = rep["classification"]
     assert set(c["per_label"]) and {"eval_set", "fixed_on_valid"} <= set(c["mean"])
+    both = [r["auroc"] for r in c["per_label"].values() if 0 < r["positives"] < r["n"]]
+    assert c["mean"]["n_labels"] == len(both) and c["mean"]["auroc"] == pytest.approx(np.mean(both))
     assert "flatters" in rep["threshold_rule"]["eval_set"]
     assert rep["localization"]["ground_truth"] == "phantom slice ranges"
     assert rep["localization"]["n_pairs"] >= 0

@@ -218,7 +218,7 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, thresholds: dic
     # means over labels with both classes present (AUROC is undefined otherwise; F1 would be a meaningless 0)
     both = [r for r in rows if 0 < r["positives"] < r["n"]]
     out["mean"]["n_labels"] = len(both)
-    out["mean"]["auroc"] = float(np.mean([r["auroc"] for r in both])) if both else float("nan")
+    out["mean"]["auroc"] = M.mean_auroc(labels, probs)  # the same labels as `both`
     for rule in thresholds:
         out["mean"][rule] = {k: float(np.mean([r[rule][k] for r in both])) if both else float("nan")
                              for k in ("f1", "accuracy", "precision", "recall")}
