@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(runs["model"]))
     for kind in args.baselines:
         grid_of = args.weights if kind == "mask" else None  # the mask baseline needs the model's token grid
-        runs[kind] = evaluate(grid_of, data, split=args.split, val_split=args.val_split, baseline=kind)
+        runs[kind] = evaluate(grid_of, data, split=args.split, val_split=args.val_split, baseline=kind,
+                              bootstrap=0)  # intervals only for the model (the README shows no others)
     rows = {name: headline(rep) for name, rep in runs.items()}
     print(f"\n{'':12s} " + " ".join(f"{k:>14s}" for k in TARGETS))
     for name, row in rows.items():

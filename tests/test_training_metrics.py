@@ -105,7 +105,8 @@ def test_bootstrap_interval_of_a_mean_has_the_normal_width():
 
 def test_bootstrap_interval_drops_nan_draws_and_has_none_without_data():
     x = np.array([0.0, 1.0])
-    # draws holding only unit 0 are NaN (0 of 1 in the example below): the interval comes from the others
+    # a draw holding only unit 0 is NaN; the others' means are 0.5 or 1.0, so the interval lies there (a NaN kept
+    # would make the quantiles NaN)
     lo, hi = M.bootstrap_interval(2, lambda idx: np.nan if (idx == 0).all() else float(x[idx].mean()), seed=0)
     assert 0.5 <= lo <= hi <= 1.0
     assert M.bootstrap_interval(3, lambda idx: np.nan) is None
