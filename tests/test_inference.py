@@ -262,6 +262,60 @@ def test_blob_readout_evidence_reaches_label_heatmaps_and_probabilities():
     assert p == pytest.approx(float(want), abs=1e-5)
 
 
+def test_locate_adds_the_named_labels_heatmap_peaks_like_the_evaluation():
+    from ctvl.model.config import tiny_config
+    from ctvl.model.joint import label_depth_evidence
+
+    torch.manual_seed(0)
+    cfg = tiny_config().replace(mil_disease=True)
+    plain_model = model_mod.CTVLModel(cfg).eval()
+    model = model_mod.CTVLModel(cfg.replace(locate_label_weight=2.0)).eval()
+    model.load_state_dict(plain_model.state_dict())
+    vol = lesion_volume("lps")
+    text = "A solid nodule in the right upper lobe."  # names 'Lung nodule'
+    plain, grounded = encode(vol, plain_model), encode(vol, model)
+    want = plain.bin_scores(text) + 2.0 * label_depth_evidence(grounded.token_scores("Lung nodule")[None]).numpy()
+    np.testing.assert_allclose(grounded.bin_scores(text), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grounded.bin_scores("Heart size is normal."), plain.bin_scores("Heart size is normal."),
+                               rtol=1e-5, atol=1e-5)
+    # the same term as the evaluation's (model.pair_bin_logits with the snippet's labels) on one window
+    from ctvl.model.joint import ImageEmbeddings
+
+    assert grounded.tokens.shape[:3] == cfg.token_grid()  # one window: the analysis holds the model's own output
+    emb = ImageEmbeddings(grounded.tokens[None], grounded.pooled[None], grounded.bins[None], None, None)
+    with torch.no_grad():
+        ev = model.pair_bin_logits(emb, model.encode_text([text]), torch.tensor([0]), [("Lung nodule",)])[0]
+    np.testing.assert_allclose(grounded.bin_scores(text), ev.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_locate_refines_a_peak_between_bins_and_leaves_runner_ups_on_its_flank():
+    from ctvl.model.config import tiny_config
+    from ctvl.tokengrid import refine_peak
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    at_bins = model_mod.CTVLModel(cfg.replace(locate_peak_radius=0)).eval()
+    refined = model_mod.CTVLModel(cfg.replace(locate_peak_radius=2)).eval()
+    refined.load_state_dict(at_bins.state_dict())
+    vol = lesion_volume("ras", shape_kji=(60, 24, 24), spacing_ijk=(6.0, 6.0, 1.5))  # slices finer than the bins
+    a, b = encode(vol, at_bins), encode(vol, refined)
+    text = "A solid nodule in the right upper lobe."
+    bins = a.bin_scores(text)
+    np.testing.assert_allclose(b.bin_scores(text), bins, rtol=1e-6)
+    plain, moved = a.locate(text, top_k=3), b.locate(text, top_k=3)
+    masked = np.where(a.valid_bins(), bins.astype(np.float64), -np.inf)
+    z_bins = a.bin_positions_mm()
+    best = int(np.argmax(masked))
+    assert abs(plain[0].position_mm - z_bins[best]) <= 0.75 + 1e-6  # radius 0: the best bin's centre slice
+    z = np.interp(refine_peak(masked, 2), np.arange(len(z_bins)), z_bins)
+    assert moved[0].slice == int(np.argmin(np.abs(vol.slice_positions_mm() - z))) and moved[0].score == plain[0].score
+    for p, m in zip(plain[1:], moved[1:]):  # runner-ups: moved only when they sit on a peak of their own
+        k = int(np.argmin(np.abs(z_bins - p.position_mm)))
+        on_flank = any(0 <= n < len(masked) and masked[n] > masked[k] for n in (k - 1, k + 1))
+        assert (m.slice == p.slice) if on_flank else abs(m.position_mm - p.position_mm) <= 2 * 6.0 + 1e-6
+    assert len({h.slice for h in moved}) == len(moved)
+
+
 DEMO = Path(__file__).resolve().parents[1] / "CTVLExtension" / "Logic" / "weights" / "demo"
 
 

@@ -630,6 +630,50 @@ def test_blob_readout_adds_a_learned_per_label_term_to_token_logits(images, tmp_
     torch.testing.assert_close(extra, want[:, None].expand_as(extra))
     with pytest.raises(CTVLWeightsError, match="blob_readout_init"):
         cfg.replace(blob_readout_init=float("nan")).validate()
+    # the start for named labels only: the others' readout starts at 0, so their token logits are the cosines alone
+    torch.manual_seed(0)
+    some = CTVLModel(cfg.replace(blob_readout_init=0.25, blob_readout_labels=("Lung nodule",))).eval()
+    with torch.no_grad():
+        extra = some.evidence_logits(emb.evidence.detach(), None, len(LABELS))
+    nodule = LABELS.index("Lung nodule")
+    torch.testing.assert_close(extra[:, nodule], want)
+    assert torch.count_nonzero(extra[:, [i for i in range(len(LABELS)) if i != nodule]]) == 0
+    assert ModelConfig.from_dict(json.loads(some.config.to_json())).blob_readout_labels == ("Lung nodule",)
+    with pytest.raises(CTVLWeightsError, match="unknown labels"):
+        cfg.replace(blob_readout_labels=("Lung nodul",)).validate()
+
+
+def test_label_grounded_depth_scores_add_the_named_labels_heatmap_peaks(images, tmp_path):
+    from ctvl.model.joint import label_depth_evidence
+
+    torch.manual_seed(0)
+    cfg = _dense_tiny().replace(token_localization=True, mil_disease=True)
+    model = CTVLModel(cfg).eval()
+    texts = ["Nodule in the right upper lobe with a small pleural effusion.", "Heart size is normal.",
+             "Bilateral pleural effusion."]
+    named = [("Lung nodule", "Pleural effusion"), (), ("Pleural effusion",)]
+    owner = torch.tensor([1, 0, 0])
+    with torch.no_grad():
+        emb = model.encode_image(images)
+        text = model.encode_text(texts)
+        plain = model.pair_bin_logits(emb, text, owner)
+        assert model.label_bin_logits(emb, named, owner) is None  # weight 0: off
+        torch.testing.assert_close(model.pair_bin_logits(emb, text, owner, named), plain)
+        on = CTVLModel(cfg.replace(locate_label_weight=0.5)).eval()
+        on.load_state_dict(model.state_dict())
+        heat = on.disease_heatmap_logits(on.label_tokens(emb), LABELS)  # [B,L,d,h,w]
+        got = on.pair_bin_logits(emb, text, owner, named)
+    nod, eff = LABELS.index("Lung nodule"), LABELS.index("Pleural effusion")
+    # per bin: the strongest in-plane token of the strongest named label, in the text's own volume
+    want0 = torch.maximum(heat[1, nod].amax(dim=(-2, -1)), heat[1, eff].amax(dim=(-2, -1)))
+    torch.testing.assert_close(label_depth_evidence(heat[1, [nod, eff]]), want0)
+    torch.testing.assert_close(got[0], plain[0] + 0.5 * want0)
+    torch.testing.assert_close(got[1], plain[1])  # names no label: unchanged
+    torch.testing.assert_close(got[2], plain[2] + 0.5 * heat[0, eff].amax(dim=(-2, -1)))
+    assert ModelConfig.from_dict(json.loads(on.config.to_json())).locate_label_weight == 0.5
+    for bad in (-0.1, float("inf")):
+        with pytest.raises(CTVLWeightsError, match="locate_label_weight"):
+            cfg.replace(locate_label_weight=bad).validate()
 
 
 def test_stem_residual_blocks_start_as_identity_train_and_round_trip(images, tmp_path):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 import pytest
 import torch
+from ctvl.errors import CTVLWeightsError
 from ctvl.prompts import LABELS
 
 from tests.training_helpers import ROOT, final_state, make_data, tiny_config
@@ -141,6 +143,16 @@ def test_export_load_round_trip(data, tmp_path):
         assert torch.equal(ea.pooled, eb.pooled) and torch.equal(ea.bins, eb.bins)
         ta, tb = a.encode_text(["a lung nodule"]), b.encode_text(["a lung nodule"])
         assert torch.equal(ta, tb)
+    # a `training calibrate` fit sets its config values and is named on the card; anything else is refused
+    calib = tmp_path / "calibration.json"
+    calib.write_text(json.dumps({"config": {"locate_label_weight": 0.3}, "split": "valid", "rule": "R",
+                                 "locate_label_weight": 0.3}))
+    fitted = export(ckpt, tmp_path / "fitted", calibration=calib)
+    assert load_weights(fitted).config.locate_label_weight == 0.3 and b.config.locate_label_weight == 0.0
+    assert "fitted on split 'valid' (R)" in (fitted / "card.md").read_text()
+    calib.write_text(json.dumps({"config": {"mil_r": 1.0}}))
+    with pytest.raises(CTVLWeightsError, match="unknown config values"):
+        export(ckpt, tmp_path / "bad", calibration=calib)
 
 
 def test_ddp_two_processes_gloo(data, tmp_path):

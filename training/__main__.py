@@ -1,4 +1,4 @@
-"""``python -m training train|evaluate|export`` (train also runs under ``torchrun --nproc_per_node N``)."""
+"""``python -m training train|evaluate|calibrate|export`` (train also runs under ``torchrun --nproc_per_node N``)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from training.calibrate import calibrate, format_fit, write_into
+    from training.utils import atomic_write_bytes
+
+    report = calibrate(args.weights, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
+                       max_volumes=args.max_volumes, workers=args.workers)
+    print(format_fit(report))
+    if args.out:
+        atomic_write_bytes(Path(args.out), json.dumps(report, indent=1).encode())
+        print(f"calibration -> {args.out}")
+    if args.write:
+        print(f"locate_label_weight {report['locate_label_weight']} -> {write_into(args.weights, report['config'])}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from training.engine import latest_checkpoint
     from training.export import export
@@ -55,7 +70,7 @@ def _export(args: argparse.Namespace) -> int:
         if found is None:
             raise SystemExit(f"{ckpt}: no checkpoint found (expected checkpoints/step_*.pt)")
         ckpt = found
-    path = export(ckpt, args.out, args.eval)
+    path = export(ckpt, args.out, args.eval, args.calibration)
     print(f"weights -> {path}")
     return 0
 
@@ -89,10 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-heatmaps", action="store_true")
     e.add_argument("--bootstrap", type=int, default=1000, help="draws for the 95%% intervals over volumes (0: none)")
     e.set_defaults(run=_evaluate)
+    c = sub.add_parser("calibrate", help="fit the label-grounded depth scores' weight on a validation split")
+    c.add_argument("--weights", required=True, help="weights dir (exported) or 'demo'")
+    c.add_argument("--data", required=True)
+    c.add_argument("--split", default="valid", help="never the split you report")
+    c.add_argument("--out", help="write the fit (grid and chosen weight) to this JSON, for `export --calibration`")
+    c.add_argument("--write", action="store_true", help="also set the weight in the weights dir's config.json")
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--max-volumes", type=int)
+    c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    c.add_argument("--workers", type=int, default=1)
+    c.set_defaults(run=_calibrate)
     x = sub.add_parser("export", help="checkpoint -> weights directory")
     x.add_argument("checkpoint", help="a checkpoint .pt or a run directory (latest checkpoint)")
     x.add_argument("--out", required=True)
     x.add_argument("--eval", help="evaluation report.json to put in card.md")
+    x.add_argument("--calibration", help="calibration.json of `training calibrate` (sets its config values)")
     x.set_defaults(run=_export)
     return p
 

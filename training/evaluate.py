@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from ctvl.prompts import LABELS
+from ctvl.prompts import LABELS, snippet_labels
+from ctvl.tokengrid import refine_peak
 
 from training import metrics as M
 from training.data import CTRateDataset, Preprocess, collate
@@ -66,7 +67,8 @@ class ModelPredictor:
         if batch["snippets"]:
             snip = m.encode_text(batch["snippets"])
             owner = batch["snippet_owner"].to(self.device)
-            logits = m.pair_bin_logits(emb, snip, owner)
+            named = [snippet_labels(t) for t in batch["snippets"]]  # label-grounded depth scores (if calibrated)
+            logits = m.pair_bin_logits(emb, snip, owner, named, (self.pos, self.neg))
             valid = batch["bin_valid"].to(self.device)[owner]
             bins = list(logits.masked_fill(~valid, float("-inf")).float().cpu().numpy())  # argmax over the scan
         heats, label_tokens = [], m.label_tokens(emb)
@@ -274,6 +276,7 @@ def evaluate(
         predictor = ModelPredictor(model, run_on)
 
     gt = load_ground_truth(root, split)
+    radius = int(mc.locate_peak_radius) if model is not None else 0
     probs, labels, img_emb, rep_emb, names = [], [], [], [], []
     loc_rows, point_rows, finding_rows = [], [], []
     for batch in _batches(ds, batch_size):
@@ -297,7 +300,7 @@ def evaluate(
             for snippet, _depth, _bin, cited in _item_snippets(batch, b, r):
                 logits = out["bins"][s_i]
                 s_i += 1
-                best = int(np.argmax(logits))
+                best = refine_peak(logits, radius)  # sub-bin position of the best bin (locate does the same)
                 pred = _depth_to_slice(info, best * bsize[0] + (bsize[0] - 1) / 2)
                 f = match_finding(findings, snippet, cited) if findings else None
                 target = int(f["centre_slice"]) if f and "centre_slice" in f else cited
@@ -413,13 +416,21 @@ def _item_snippets(batch: dict, b: int, r) -> list[tuple]:
 
 
 def _depth_to_slice(info: dict, depth: float) -> int:
+    """The input slice nearest to model depth ``depth`` (model voxels along d, fractional)."""
+    pos = np.asarray(info["slice_positions_mm"])
+    if len(pos) < 2:
+        return 0
+    return int(np.clip(round(_depth_to_slice_coord(info, depth)), 0, len(pos) - 1))
+
+
+def _depth_to_slice_coord(info: dict, depth: float) -> float:
+    """Model depth -> continuous input-slice coordinate (linear; 0 for a single slice)."""
     a = np.asarray(info["model_ijk_to_ras"])
     z = a[2, 3] + a[2, 2] * depth
     pos = np.asarray(info["slice_positions_mm"])
     if len(pos) < 2:
-        return 0
-    k = (z - pos[0]) / (pos[1] - pos[0])
-    return int(np.clip(round(k), 0, len(pos) - 1))
+        return 0.0
+    return float((z - pos[0]) / (pos[1] - pos[0]))
 
 
 def _summarise_loc(rows: list[dict], stats: dict, has_gt: bool) -> dict:

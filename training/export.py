@@ -30,7 +30,7 @@ def model_from_checkpoint(path: str | Path):
     return model.eval(), ck
 
 
-def model_card(ck: dict, eval_report: dict | None) -> str:
+def model_card(ck: dict, eval_report: dict | None, calibration: dict | None = None) -> str:
     cfg = config_from_dict(ck["config"])
     mc = ck["model_config"]
     lines = [
@@ -45,7 +45,10 @@ def model_card(ck: dict, eval_report: dict | None) -> str:
         + (", standardised per feature (running statistics)" if mc.get("density_edges_hu") and mc.get("density_norm")
            else ""),
         "- depth-bin text scores: " + ("mean of the bin embedding's and its tokens' (grounded) scores"
-                                       if mc.get("token_localization") else "bin embedding"),
+                                       if mc.get("token_localization") else "bin embedding")
+        + (f"; plus {calibration['locate_label_weight']:g} x the heatmap peaks of the labels a text names, the weight "
+           f"fitted on split '{calibration.get('split')}' ({calibration.get('rule')})"
+           if calibration and calibration.get("locate_label_weight") else ""),
         "- input channels: the windowed image" + "".join(f", re-windowed to {[float(v) for v in w]} HU"
                                                          for w in mc.get("input_windows_hu") or ())
         + "".join(f", Hessian blobness at {float(sc)} mm" for sc in mc.get("input_blob_scales_mm") or ())
@@ -96,12 +99,30 @@ def model_card(ck: dict, eval_report: dict | None) -> str:
     return "\n".join(lines)
 
 
-def export(checkpoint: str | Path, out: str | Path, eval_report: str | Path | None = None) -> Path:
-    """Write the weights directory; returns its path."""
+def apply_calibration(model, calibration: dict) -> None:
+    """Set the config values of a `training calibrate` fit (validated) on ``model``."""
+    from ctvl.errors import CTVLWeightsError
+
+    values = dict(calibration.get("config") or {})
+    unknown = sorted(set(values) - {"locate_label_weight"})
+    if unknown:
+        raise CTVLWeightsError("calibration", f"sets unknown config values {unknown}",
+                               "use the JSON that `python -m training calibrate --out` wrote")
+    cfg = model.config.replace(**values)
+    cfg.validate("calibration")
+    model.config = cfg
+
+
+def export(checkpoint: str | Path, out: str | Path, eval_report: str | Path | None = None,
+           calibration: str | Path | None = None) -> Path:
+    """Write the weights directory (with a `training calibrate` fit applied); returns its path."""
     from ctvl.model import save_weights
 
     model, ck = model_from_checkpoint(checkpoint)
     report = json.loads(Path(eval_report).read_text()) if eval_report else None
-    path = save_weights(model, out, prompts=None, card=model_card(ck, report))
+    calib = json.loads(Path(calibration).read_text()) if calibration else None
+    if calib:
+        apply_calibration(model, calib)
+    path = save_weights(model, out, prompts=None, card=model_card(ck, report, calib))
     log.info("exported %s -> %s", checkpoint, path)
     return Path(path)

@@ -221,6 +221,7 @@ class VolumeEncoding:
         self._lock = state["lock"]
         self.text_cache: TextCache = state["text_cache"]
         self._slice_z = self.volume.slice_positions_mm()
+        self._label_depth: dict[str, torch.Tensor] = {}  # label -> [d] heatmap peak per depth bin (locate)
 
     # ------------------------------------------------------------------ text
     def labels(self) -> list[str]:
@@ -359,23 +360,43 @@ class VolumeEncoding:
         return valid if valid.any() else np.ones_like(valid)
 
     def bin_scores(self, text: str) -> np.ndarray:
+        """Depth-bin scores of a text: the model's bin logits (+ its label-grounded term for the CT-RATE labels the
+        text names, when the weights are calibrated for it: config.locate_label_weight)."""
         emb = self.text_embedding(text).to(self.bins.device)
         with self._lock, torch.no_grad():
             logits = self.model.bin_logits(self.bins[None], emb, self.tokens[None])  # tokens: grounded bin scores
-            return logits.reshape(-1).float().cpu().numpy()
+        logits = logits.reshape(-1).float()
+        weight = float(_cfg(self.model, "locate_label_weight", default=0.0) or 0.0)
+        if weight > 0 and hasattr(self.model, "disease_heatmap_logits"):
+            from ctvl.model.joint import label_depth_evidence
+            from ctvl.prompts import snippet_labels
 
-    def slice_scores(self, text: str) -> np.ndarray:
+            named = [lbl for lbl in snippet_labels(text) if lbl in self.labels()]
+            if named:
+                for lbl in named:  # per label once per scan: a repeated or new query naming it costs no heatmap
+                    if lbl not in self._label_depth:
+                        self._label_depth[lbl] = label_depth_evidence(self.token_scores(lbl)[None])
+                peaks = torch.stack([self._label_depth[lbl] for lbl in named]).amax(dim=0)
+                logits = logits + weight * peaks.to(logits.device)
+        return logits.cpu().numpy()
+
+    def slice_scores(self, text: str, bin_scores: np.ndarray | None = None) -> np.ndarray:
         """One score per input slice (bin scores interpolated by the slices' RAS S position)."""
         z = self.bin_positions_mm()
-        scores = self.bin_scores(text)
+        scores = self.bin_scores(text) if bin_scores is None else bin_scores
         order = np.argsort(z)
         return np.interp(self._slice_z, z[order], scores[order]).astype(np.float32)
 
     def locate(self, text: str, top_k: int = 5, min_separation_mm: float | None = None) -> list[SliceHit]:
-        """Top-k input slices for ``text``, distinct places (non-maximum suppression within a bin's height)."""
+        """Top-k input slices for ``text``, distinct places (non-maximum suppression within a bin's height).
+
+        With the model's `locate_peak_radius` r > 0 a hit on a peak of the depth-bin scores moves to the slice
+        nearest to the softmax-weighted mean position of the bins within r bins of it (`ctvl.tokengrid.refine_peak`),
+        as in `training evaluate`; its score stays the hit's, and a hit on a peak's flank stays where it is."""
         if int(top_k) < 1:
             raise CTVLInputError(f"top_k={top_k}", "need at least one slice", "use top_k >= 1")
-        scores = self.slice_scores(text)
+        bins = self.bin_scores(text)
+        scores = self.slice_scores(text, bins)
         if min_separation_mm is None:
             min_separation_mm = self.patch[0] * float(abs(self.model_ijk_to_ras[2, 2]))
         hits: list[SliceHit] = []
@@ -388,4 +409,24 @@ class VolumeEncoding:
             taken.append(z)
             if len(hits) >= top_k:
                 break
-        return hits
+        radius = int(_cfg(self.model, "locate_peak_radius", default=0) or 0)
+        return [self._refine(h, bins, radius) for h in hits] if radius > 0 else hits
+
+    def _refine(self, hit: SliceHit, bins: np.ndarray, radius: int) -> SliceHit:
+        """Move a hit to the input slice nearest to its sub-bin peak (`refine_peak` around its best bin)."""
+        from ctvl.tokengrid import refine_peak
+
+        z_bins = self.bin_positions_mm()
+        valid = self.valid_bins()
+        masked = np.where(valid, bins.astype(np.float64), -np.inf)
+        near = np.where(np.abs(z_bins - hit.position_mm) <= 0.5 * self.patch[0] * abs(self.model_ijk_to_ras[2, 2])
+                        + 1e-6, masked, -np.inf)  # the bin(s) holding the hit's slice
+        if not np.isfinite(near).any():
+            return hit
+        b = int(np.argmax(near))
+        if any(0 <= n < len(masked) and masked[n] > masked[b] for n in (b - 1, b + 1)):
+            return hit  # a runner-up on the flank of a better bin: refining would pull it onto that peak
+        pos = refine_peak(masked, radius, peak=b)
+        z = float(np.interp(pos, np.arange(len(z_bins)), z_bins))
+        k = int(np.argmin(np.abs(self._slice_z - z)))
+        return SliceHit(k, float(self._slice_z[k]), hit.score)

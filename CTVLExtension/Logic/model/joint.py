@@ -26,6 +26,9 @@ Scores (all from cosine similarities of L2-normalised embeddings):
   config.token_localization the bin's score is the mean of that and the bin's token score, LSE pooling
   (1/r) log mean exp(r cos(token, text)) over its in-plane tokens (r = token_localization_r), also / bin_temperature:
   the text is grounded in the tokens the heatmaps show, and a nodule's bin is not diluted by the in-plane mean.
+  With config.locate_label_weight w > 0, a text that names CT-RATE labels (`ctvl.prompts.snippet_labels`) adds
+  w * max_l max_(h,w) z_l(x) per bin (`label_depth_evidence`): where its findings' heatmaps peak, the text's
+  qualifiers (side, lobe) picking among them; a product of experts over the bins, w fitted on a validation split.
 - Local label heatmaps (config.mil_local, dense head): `disease_heatmap_logits`, the MIL logit and its loss take
   `label_tokens(emb)` = ImageEmbeddings.local, a projection of conv3x3x3(dense stem stage) (+ the token
   densitometry) with no transformer term, instead of the dense tokens.
@@ -88,6 +91,20 @@ def label_rows(param: Tensor, labels: list[str] | tuple[str, ...]) -> Tensor:
     idx = {name: i for i, name in enumerate(LABELS)}
     zero = param.new_zeros(param.shape[1:])
     return torch.stack([param[idx[lab]] if lab in idx else zero for lab in labels])
+
+
+def readout_start(config: ModelConfig) -> Tensor:
+    """[L,S] start of the blobness readout weights: `blob_readout_init` for `blob_readout_labels` (all when empty),
+    0 for the other CT-RATE labels."""
+    chosen = set(config.blob_readout_labels or LABELS)
+    rows = [float(config.blob_readout_init) if name in chosen else 0.0 for name in LABELS]
+    return torch.tensor(rows)[:, None].repeat(1, len(config.input_blob_scales_mm))
+
+
+def label_depth_evidence(heat: Tensor) -> Tensor:
+    """Label heatmap logits [..., L, d, h, w] -> [..., d]: per depth bin, the strongest token of the strongest
+    label (the depth profile of where a text's named findings are)."""
+    return heat.amax(dim=(-2, -1)).amax(dim=-2)
 
 
 def mlp_head(din: int, hidden: int, dout: int) -> nn.Sequential:
@@ -295,9 +312,7 @@ class CTVLModel(nn.Module):
                     "pooled": RunningStandardize(k * math.prod(config.density_regions))})
         self.label_adapters = nn.Parameter(torch.zeros(len(LABELS), 2, e)) if config.label_adapters else None
         # per-label weights on the label tokens' blobness evidence, added to their token-level disease logits
-        self.evidence_weights = (nn.Parameter(torch.full((len(LABELS), len(config.input_blob_scales_mm)),
-                                                         float(config.blob_readout_init)))
-                                 if config.blob_readout else None)
+        self.evidence_weights = (nn.Parameter(readout_start(config)) if config.blob_readout else None)
         self.pool = AttentionPool(c, config.num_heads) if config.pooling in ("attention", "max+attention") else None
         # "max+attention": pooled = W [max_x tok(x); attention-pooled] (the max carries focal findings)
         self.pool_mix = nn.Linear(2 * e, e) if config.pooling == "max+attention" else None
@@ -617,13 +632,38 @@ class CTVLModel(nn.Module):
             logits = 0.5 * (logits + self.token_bin_logits(tokens, q.reshape(-1, q.shape[-1])))
         return logits[:, 0] if q.ndim == 1 else logits
 
-    def pair_bin_logits(self, image: ImageEmbeddings, text_emb: Tensor, owner: Tensor) -> Tensor:
-        """[T,d] `bin_logits` of each text [T,E] against its own volume of `image` (owner [T] = its row)."""
+    def pair_bin_logits(self, image: ImageEmbeddings, text_emb: Tensor, owner: Tensor,
+                        text_labels: list[tuple[str, ...]] | None = None,
+                        prompts: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """[T,d] `bin_logits` of each text [T,E] against its own volume of `image` (owner [T] = its row); with
+        `text_labels` (per text, the CT-RATE labels it names) also `label_bin_logits` (prompts: its pos/neg)."""
         q = F.normalize(text_emb, dim=-1)
         logits = torch.einsum("tde,te->td", F.normalize(image.bins[owner], dim=-1), q) / self.config.bin_temperature
         if self.config.token_localization:
             logits = 0.5 * (logits + self.token_bin_logits(image.tokens, q, owner))
+        if text_labels is not None:
+            extra = self.label_bin_logits(image, text_labels, owner, *(prompts or (None, None)))
+            if extra is not None:
+                logits = logits + extra.to(logits.dtype)
         return logits
+
+    def label_bin_logits(self, image: ImageEmbeddings, text_labels: list[tuple[str, ...]], owner: Tensor,
+                         pos_emb: Tensor | None = None, neg_emb: Tensor | None = None) -> Tensor | None:
+        """[T,d] config.locate_label_weight * `label_depth_evidence` of each text's named labels in its own volume
+        (owner [T]); 0 for a text that names none; None when the weight is 0. pos/neg [L,E]: the prompt embeddings
+        of all CT-RATE labels (computed when not given)."""
+        w = float(self.config.locate_label_weight)
+        if w == 0.0 or not any(text_labels):
+            return None
+        if pos_emb is None or neg_emb is None:
+            pos_emb, neg_emb = self.prompt_embeddings(LABELS)
+        heat = self.disease_heatmap_logits(self.label_tokens(image), LABELS, pos_emb, neg_emb, image.evidence)
+        out = torch.zeros(len(text_labels), heat.shape[2], dtype=heat.dtype, device=heat.device)
+        for t, names in enumerate(text_labels):
+            rows = [LABELS.index(n) for n in names if n in LABELS]
+            if rows:
+                out[t] = w * label_depth_evidence(heat[int(owner[t]), rows])
+        return out
 
     def token_bin_logits(self, tokens: Tensor, text_emb: Tensor, owner: Tensor | None = None) -> Tensor:
         """Grounded bin scores `token_bin_similarity` / bin_temperature: [B,T,d], or [T,d] with `owner`."""
