@@ -46,7 +46,7 @@ class SnippetScores:
     bin_coord: np.ndarray
     n_slices: int
     target: int
-    slice_range: tuple[int, int]
+    slice_range: tuple[int, int] | None  # None without ground truth (the pair's mass is then the target's bin)
     slice_mm: float
 
     def slice_at(self, position: float) -> int:
@@ -87,19 +87,15 @@ def collect(weights: str, data: str | Path, split: str = "valid", batch_size: in
                 info = ds._info(rec)
                 findings = gt.get(rec.name, {}).get("findings", [])
                 coord = np.array([E._depth_to_slice_coord(info, k * bs + (bs - 1) / 2) for k in range(valid.shape[1])])
-                pos_mm = info["slice_positions_mm"]
-                step = abs(pos_mm[1] - pos_mm[0]) if info["n_slices"] > 1 else 0.0
                 for snippet, _depth, _bin, cited in E._item_snippets(batch, b, rec):
-                    f = E.match_finding(findings, snippet, cited) if findings else None
+                    label, target, rng = E.snippet_truth(findings, snippet, cited)
                     rows = [LABELS.index(n) for n in snippet_labels(snippet)]
                     ev = (label_depth_evidence(heat[b, rows]).cpu().numpy() if rows
                           else np.zeros(valid.shape[1], np.float32))
-                    rng = tuple(f["slice_range"]) if f and f.get("slice_range") else (cited, cited)
                     out.append(SnippetScores(
-                        label=(f or {}).get("label", "unmatched"), text=text[s_i].numpy(), labels=ev,
-                        valid=valid[s_i], bin_coord=coord, n_slices=int(info["n_slices"]),
-                        target=int(f["centre_slice"]) if f and "centre_slice" in f else int(cited),
-                        slice_range=(int(rng[0]), int(rng[1])), slice_mm=float(step)))
+                        label=label, text=text[s_i].numpy(), labels=ev, valid=valid[s_i], bin_coord=coord,
+                        n_slices=int(info["n_slices"]), target=target, slice_range=rng,
+                        slice_mm=E.slice_step_mm(info)))
                     s_i += 1
     return out, mc
 
@@ -111,12 +107,14 @@ def score_weight(rows: list[SnippetScores], weight: float, radius: int = 0) -> d
     for r in rows:
         s = np.where(r.valid, r.text.astype(np.float64) + weight * r.labels, -np.inf)
         bin_slice = np.array([r.slice_at(k) for k in range(len(s))])
-        hit = r.valid & (bin_slice >= r.slice_range[0]) & (bin_slice <= r.slice_range[1])
+        lo, hi = r.slice_range or (r.target, r.target)
+        hit = r.valid & (bin_slice >= lo) & (bin_slice <= hi)
         if hit.any():
             mass.append(np.logaddexp.reduce(s[hit]) - np.logaddexp.reduce(s[r.valid]))
         pred = r.slice_at(refine_peak(s, radius))
         err.append(abs(pred - r.target) * r.slice_mm)
-        inside.append(r.slice_range[0] <= pred <= r.slice_range[1])
+        if r.slice_range is not None:  # as `training evaluate`: only pairs with a known range
+            inside.append(r.slice_range[0] <= pred <= r.slice_range[1])
     return {"weight": float(weight), "log_mass_in_range": float(np.mean(mass)) if mass else float("nan"),
             "median_abs_error_mm": float(np.median(err)) if err else float("nan"),
             "within_range_pct": float(100 * np.mean(inside)) if inside else float("nan")}

@@ -148,6 +148,21 @@ def match_finding(findings: list[dict], snippet: str, cited: int) -> dict | None
     return None
 
 
+def snippet_truth(findings: list[dict], snippet: str, cited: int) -> tuple[str, int, tuple[int, int] | None]:
+    """(label, target slice, slice range or None) of a mined snippet: its ground-truth finding's label, centre and
+    range when `match_finding` finds one, else ("unmatched", the cited slice, None)."""
+    f = match_finding(findings, snippet, cited) if findings else None
+    target = int(f["centre_slice"]) if f and "centre_slice" in f else int(cited)
+    rng = (int(f["slice_range"][0]), int(f["slice_range"][1])) if f and f.get("slice_range") else None
+    return (f or {}).get("label", "unmatched"), target, rng
+
+
+def slice_step_mm(info: dict) -> float:
+    """Distance (mm) between neighbouring input slices of a dataset record's info (0 for one slice)."""
+    pos = info["slice_positions_mm"]
+    return float(abs(pos[1] - pos[0])) if info["n_slices"] > 1 else 0.0
+
+
 def _mask_path(root: Path, split: str, name: str, rec: dict) -> Path | None:
     for key in ("mask", "mask_path"):
         if rec.get(key):
@@ -302,12 +317,9 @@ def evaluate(
                 s_i += 1
                 best = refine_peak(logits, radius)  # sub-bin position of the best bin (locate does the same)
                 pred = _depth_to_slice(info, best * bsize[0] + (bsize[0] - 1) / 2)
-                f = match_finding(findings, snippet, cited) if findings else None
-                target = int(f["centre_slice"]) if f and "centre_slice" in f else cited
-                rng = tuple(f["slice_range"]) if f and f.get("slice_range") else None
-                step = abs(info["slice_positions_mm"][1] - info["slice_positions_mm"][0]) if info["n_slices"] > 1 else 0
-                loc_rows.append({"volume": r.name, "label": (f or {}).get("label", "unmatched"), "pred": pred,
-                                 "target": target, "err": abs(pred - target), "err_mm": abs(pred - target) * step,
+                label, target, rng = snippet_truth(findings, snippet, cited)
+                loc_rows.append({"volume": r.name, "label": label, "pred": pred, "target": target,
+                                 "err": abs(pred - target), "err_mm": abs(pred - target) * slice_step_mm(info),
                                  "within": (rng[0] <= pred <= rng[1]) if rng else None})
             # heatmaps
             if not heat_labels[b]:
