@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from ctvl.prompts import LABELS, snippet_labels
+from ctvl.prompts import snippet_labels
 from ctvl.tokengrid import refine_peak
 
 from training import evaluate as E
@@ -60,7 +60,6 @@ def collect(weights: str, data: str | Path, split: str = "valid", batch_size: in
     """Score every mined pair of ``data/split`` with the model at ``weights`` (see the module docstring); returns
     the pairs and the model's config."""
     from ctvl.model import load_weights
-    from ctvl.model.joint import label_depth_evidence
     from ctvl.runtime import resolve_device
 
     run_on = resolve_device(device)
@@ -79,8 +78,12 @@ def collect(weights: str, data: str | Path, split: str = "valid", batch_size: in
             emb = model.encode_image(batch["image"].to(run_on, torch.float32))
             owner = batch["snippet_owner"].to(run_on)
             text = model.pair_bin_logits(emb, model.encode_text(batch["snippets"]), owner).float().cpu()
-            heat = model.disease_heatmap_logits(model.label_tokens(emb), LABELS, pos, neg, emb.evidence).float()
+            named = [snippet_labels(t) for t in batch["snippets"]]
+            evidence = model.label_bin_logits(emb, named, owner, pos, neg, weight=1.0)  # None: no text names one
             valid = batch["bin_valid"][batch["snippet_owner"]].numpy()
+            if evidence is None:
+                evidence = torch.zeros(valid.shape)
+            evidence = evidence.float().cpu().numpy()
             s_i = 0
             for b, i in enumerate(batch["index"]):
                 rec = ds.records[int(i)]
@@ -89,11 +92,8 @@ def collect(weights: str, data: str | Path, split: str = "valid", batch_size: in
                 coord = np.array([E._depth_to_slice_coord(info, k * bs + (bs - 1) / 2) for k in range(valid.shape[1])])
                 for snippet, _depth, _bin, cited in E._item_snippets(batch, b, rec):
                     label, target, rng = E.snippet_truth(findings, snippet, cited)
-                    rows = [LABELS.index(n) for n in snippet_labels(snippet)]
-                    ev = (label_depth_evidence(heat[b, rows]).cpu().numpy() if rows
-                          else np.zeros(valid.shape[1], np.float32))
                     out.append(SnippetScores(
-                        label=label, text=text[s_i].numpy(), labels=ev, valid=valid[s_i], bin_coord=coord,
+                        label=label, text=text[s_i].numpy(), labels=evidence[s_i], valid=valid[s_i], bin_coord=coord,
                         n_slices=int(info["n_slices"]), target=target, slice_range=rng,
                         slice_mm=E.slice_step_mm(info)))
                     s_i += 1

@@ -410,15 +410,17 @@ class VolumeEncoding:
             if len(hits) >= top_k:
                 break
         radius = int(_cfg(self.model, "locate_peak_radius", default=0) or 0)
-        return [self._refine(h, bins, radius) for h in hits] if radius > 0 else hits
+        if radius <= 0:
+            return hits
+        masked = np.where(self.valid_bins(), bins.astype(np.float64), -np.inf)
+        z_bins = self.bin_positions_mm()
+        return [self._refine(h, masked, z_bins, radius) for h in hits]
 
-    def _refine(self, hit: SliceHit, bins: np.ndarray, radius: int) -> SliceHit:
-        """Move a hit to the input slice nearest to its sub-bin peak (`refine_peak` around its best bin)."""
+    def _refine(self, hit: SliceHit, masked: np.ndarray, z_bins: np.ndarray, radius: int) -> SliceHit:
+        """Move a hit to the input slice nearest to its sub-bin peak (`refine_peak` around its best bin); masked:
+        the bin scores with -inf outside the scan, z_bins: the bins' RAS S."""
         from ctvl.tokengrid import refine_peak
 
-        z_bins = self.bin_positions_mm()
-        valid = self.valid_bins()
-        masked = np.where(valid, bins.astype(np.float64), -np.inf)
         near = np.where(np.abs(z_bins - hit.position_mm) <= 0.5 * self.patch[0] * abs(self.model_ijk_to_ras[2, 2])
                         + 1e-6, masked, -np.inf)  # the bin(s) holding the hit's slice
         if not np.isfinite(near).any():

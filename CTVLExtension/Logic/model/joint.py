@@ -648,11 +648,13 @@ class CTVLModel(nn.Module):
         return logits
 
     def label_bin_logits(self, image: ImageEmbeddings, text_labels: list[tuple[str, ...]], owner: Tensor,
-                         pos_emb: Tensor | None = None, neg_emb: Tensor | None = None) -> Tensor | None:
-        """[T,d] config.locate_label_weight * `label_depth_evidence` of each text's named labels in its own volume
-        (owner [T]); 0 for a text that names none; None when the weight is 0. pos/neg [L,E]: the prompt embeddings
-        of all CT-RATE labels (computed when not given)."""
-        w = float(self.config.locate_label_weight)
+                         pos_emb: Tensor | None = None, neg_emb: Tensor | None = None,
+                         weight: float | None = None) -> Tensor | None:
+        """[T,d] w * `label_depth_evidence` of each text's named labels in its own volume (owner [T]); 0 for a text
+        that names none; None when w is 0 or no text names a label. w = `weight`, default
+        config.locate_label_weight. pos/neg [L,E]: the prompt embeddings of all CT-RATE labels (computed when not
+        given)."""
+        w = float(self.config.locate_label_weight if weight is None else weight)
         if w == 0.0 or not any(text_labels):
             return None
         if pos_emb is None or neg_emb is None:
