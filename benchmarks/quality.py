@@ -5,8 +5,9 @@
 The held-out split is generated with a seed never used for training (train: seed 1, valid: seed 2, test: seed 3)
 when it is missing. Thresholds for F1/accuracy/precision are reported two ways: picked on the evaluation split
 itself (CT-CLIP's rule, flatters F1) and fixed on ``--val-split``. Beside the trivial baselines, ``mask`` is no model:
-the phantom masks averaged onto the token grid of ``--weights`` as heatmaps, what a heatmap that knows the
-answer scores at that resolution. Prints a table and writes benchmarks/results/quality.json.
+the phantom masks averaged onto the heatmap grid of ``--weights`` (its tokens, or the stitched grid of its
+``heatmap_subdivision``) as heatmaps, what a heatmap that knows the answer scores at that resolution. Prints a
+table and writes benchmarks/results/quality.json.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {"model": evaluate(args.weights, data, split=args.split, val_split=args.val_split)}
     print(format_table(runs["model"]))
     for kind in args.baselines:
-        grid_of = args.weights if kind == "mask" else None  # the mask baseline needs the model's token grid
+        grid_of = args.weights if kind == "mask" else None  # the mask baseline needs the model's heatmap grid
         runs[kind] = evaluate(grid_of, data, split=args.split, val_split=args.val_split, baseline=kind,
                               bootstrap=0)  # intervals only for the model (the README shows no others)
     rows = {name: headline(rep) for name, rep in runs.items()}

@@ -47,7 +47,7 @@ def _cell(row: dict, key: str, digits: int, column: str) -> str:
 def quality_section(q: dict) -> list[str]:
     cols = [k for k in ("model", "random", "prevalence", "mask") if k in q["headline"]]
     names = {"model": "demo model", "random": "random baseline", "prevalence": "prevalence baseline",
-             "mask": "oracle heatmaps (masks on the token grid)"}
+             "mask": "oracle heatmaps (masks on the heatmap grid)"}
     rows = [("mean AUROC, positive vs negative prompt", "auroc", 3, "≥ 0.90"),
             ("mean F1, threshold fixed on valid", "f1_fixed_on_valid", 3, ""),
             ("mean F1, threshold picked on test (CT-CLIP rule)", "f1_eval_set", 3, ""),
@@ -74,8 +74,9 @@ def quality_section(q: dict) -> list[str]:
                 "another phantom split of the same size."]
     if "mask" in cols:
         out += ["", "The oracle column is no model: its heatmaps are the phantom masks averaged onto the demo "
-                "model's token grid (`--baseline mask`), what a heatmap that knows the answer scores at that "
-                "resolution; its other figures are the prevalence baseline's."]
+                "model's heatmap grid (`--baseline mask`: each cell's token-sized box, on the stitched grid of "
+                "`model.heatmap_subdivision`), what a heatmap that knows the answer scores at that resolution; its "
+                "other figures are the prevalence baseline's."]
     per = q["reports"]["model"]["classification"]["per_label"]
     point = {c: q["reports"][c].get("heatmaps", {}).get("per_label", {}) for c in ("model", "mask") if c in cols}
     out += ["", "<details><summary>Per-label AUROC and pointing game (demo model)</summary>", "",

@@ -235,6 +235,48 @@ def test_local_label_tokens_feed_label_heatmaps_and_probabilities():
     assert p == pytest.approx(float(want), abs=1e-5)
 
 
+def test_label_heatmaps_on_the_stitched_grid_when_the_model_asks_for_it():
+    from ctvl.model.config import tiny_config
+    from ctvl.model.stitch import stitched_ijk_to_ras
+
+    torch.manual_seed(0)
+    cfg = tiny_config().replace(dense_head=True, mil_disease=True, dense_stage=0, dense_dim=8,
+                                heatmap_subdivision=(1, 2, 2))
+    model = model_mod.CTVLModel(cfg).eval()
+    vol = lesion_volume("lps", shape_kji=(10, 36, 36), spacing_ijk=(4.0, 4.0, 4.0))  # one window
+    enc = encode(vol, model)
+    assert len(enc.window_starts) == 1
+    fine, grid = enc.heatmap_scores("Lung nodule")
+    d, h, w = enc.tokens.shape[:3]
+    assert fine.shape == (d, 2 * h, 2 * w)
+    np.testing.assert_allclose(grid, stitched_ijk_to_ras(enc.model_ijk_to_ras, enc.patch, (1, 2, 2)))
+    pos, neg = enc.prompt_embeddings(["Lung nodule"])
+    with torch.no_grad():
+        want = model.stitched_heatmap_logits(torch.from_numpy(enc.model_input)[None, None], ["Lung nodule"], pos, neg)
+    torch.testing.assert_close(fine, want[0, 0])
+    torch.testing.assert_close(fine[:, ::2, ::2], enc.token_scores("Lung nodule"))  # the unmoved pass = the tokens
+    assert enc.heatmap("Lung nodule", grid="model").array.shape == enc.model_shape
+    on_input = enc.heatmap("Lung nodule", grid="input")
+    assert on_input.array.shape == vol.array.shape and np.isfinite(on_input.array).all()
+    free, free_grid = enc.heatmap_scores("a mass")  # free text stays on the tokens
+    assert free.shape == (d, h, w) and np.allclose(free_grid, enc.token_ijk_to_ras())
+    plain = model_mod.CTVLModel(cfg.replace(heatmap_subdivision=(1, 1, 1))).eval()
+    plain.load_state_dict(model.state_dict())
+    assert encode(vol, plain).disease_probabilities() == pytest.approx(enc.disease_probabilities())  # unchanged
+
+    long = encode(lesion_volume("lps", shape_kji=(40, 30, 30), spacing_ijk=(8.0, 8.0, 8.0)), model)  # 320 mm
+    assert len(long.window_starts) > 1
+    with pytest.raises(CTVLCancelled):  # a worker's cancel stops the passes mid-forward and keeps nothing half-done
+        long.prepare_heatmaps(cancel=lambda: True)
+    assert long._stitched is None
+    seen = []
+    long.prepare_heatmaps(progress=lambda f, m: seen.append(f))
+    assert seen[-1] == 1.0 and len(seen) == len(long.window_starts) + 1
+    heat, _ = long.heatmap_scores("Pleural effusion")
+    assert heat.shape == (long.tokens.shape[0], 2 * long.tokens.shape[1], 2 * long.tokens.shape[2])
+    assert torch.isfinite(heat).all()
+
+
 def test_blob_readout_evidence_reaches_label_heatmaps_and_probabilities():
     from ctvl.model.config import tiny_config
     from ctvl.model.joint import EVIDENCE_GAIN

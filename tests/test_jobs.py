@@ -126,6 +126,26 @@ def test_analyze_runs_model_encode_probabilities_heatmaps_with_cancel():
         analyze(enc.volume, lambda: "M", cancelled=lambda: True, encode_fn=lambda v, m, **kw: enc)
 
 
+def test_analyze_prepares_the_stitched_heatmaps_in_the_worker_with_progress_and_cancel():
+    class _Stitched(_Enc):
+        def __init__(self):
+            super().__init__()
+            self.prepared = []
+
+        def prepare_heatmaps(self, progress=None, cancel=None):
+            progress(0.5, "label heatmaps")
+            self.prepared.append(cancel)
+
+    enc, seen = _Stitched(), []
+    analyze(enc.volume, lambda: "M", progress=lambda f, m: seen.append((f, m)), cancelled=lambda: False,
+            encode_fn=lambda v, m, **kw: enc, heatmap_labels=1)
+    assert len(enc.prepared) == 1 and enc.prepared[0]() is False  # the job's cancel reaches the encoder passes
+    stitched = [f for f, m in seen if m == "label heatmaps"]
+    assert len(stitched) == 1 and 0.8 <= stitched[0] <= 0.85  # between the probabilities and the heatmaps
+    analyze(enc.volume, lambda: "M", encode_fn=lambda v, m, **kw: enc, heatmap_labels=0)
+    assert len(enc.prepared) == 1  # no heatmap asked for: no passes
+
+
 def test_peaks_and_caches():
     enc = _Enc()
     heat = enc.heatmap("x")

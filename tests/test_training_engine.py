@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from ctvl.errors import CTVLWeightsError
+from ctvl.errors import CTVLInputError, CTVLWeightsError
 from ctvl.prompts import LABELS
 
 from tests.training_helpers import ROOT, final_state, make_data, tiny_config
@@ -153,6 +153,19 @@ def test_export_load_round_trip(data, tmp_path):
     calib.write_text(json.dumps({"config": {"mil_r": 1.0}}))
     with pytest.raises(CTVLWeightsError, match="unknown config values"):
         export(ckpt, tmp_path / "bad", calibration=calib)
+    # inference-time settings (--set): written, named on the card, the weights untouched; others refused
+    set_ = export(ckpt, tmp_path / "set", settings=["heatmap_subdivision=[1, 2, 2]", "locate_peak_radius=0"])
+    c = load_weights(set_)
+    assert c.config.heatmap_subdivision == (1, 2, 2) and c.config.locate_peak_radius == 0
+    assert "shift-and-stitch, [1, 2, 2] cells per token" in (set_ / "card.md").read_text()
+    assert "label heatmaps: token grid" in (out / "card.md").read_text()
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in c.state_dict().items())
+    with pytest.raises(CTVLInputError, match="not one of"):
+        export(ckpt, tmp_path / "bad", settings=["mil_r=1.0"])
+    with pytest.raises(CTVLWeightsError, match="heatmap_subdivision"):
+        export(ckpt, tmp_path / "bad", settings=["heatmap_subdivision=[1, 3, 2]"])
+    with pytest.raises(CTVLWeightsError, match="heatmap_subdivision"):
+        export(ckpt, tmp_path / "bad", settings=["heatmap_subdivision=abc"])
 
 
 def test_ddp_two_processes_gloo(data, tmp_path):

@@ -105,6 +105,50 @@ def test_mask_occupancy_is_each_tokens_share_of_the_instances():
     np.testing.assert_allclose(occ, expected)
 
 
+def test_mask_occupancy_on_the_stitched_grid_is_the_token_box_at_every_cell():
+    from ctvl.geometry import Volume
+
+    from training.evaluate import mask_occupancy
+
+    rng = np.random.default_rng(0)
+    arr = rng.choice([0, 3, 5], size=(4, 8, 8), p=[0.6, 0.2, 0.2]).astype(np.uint8)
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    occ = mask_occupancy(Volume(arr, affine), [3], affine, (4, 8, 8), (2, 4, 4), (2, 2, 4))
+    assert occ.shape == (4, 4, 8)
+    on = arr == 3
+    for f in np.ndindex(*occ.shape):  # the box of a token moved by f * p/n voxels, clamped at the far edge
+        idx = [np.clip(np.arange(f[a] * s, f[a] * s + p), 0, n - 1) for a, (s, p, n) in enumerate(
+            zip((1, 2, 1), (2, 4, 4), arr.shape))]
+        assert occ[f] == pytest.approx(on[np.ix_(*idx)].mean())
+
+
+def test_model_heatmaps_come_on_the_stitched_grid(setup, tmp_path):
+    from ctvl.model import CTVLModel, load_weights, save_weights
+
+    from training.data import Preprocess
+    from training.evaluate import ModelPredictor, _batches, _dataset, evaluate
+
+    root, weights = setup
+    model = load_weights(weights)
+    fine = save_weights(CTVLModel(model.config.replace(heatmap_subdivision=(1, 2, 4))), tmp_path / "w")
+    stitched = load_weights(fine)
+    stitched.load_state_dict(model.state_dict())
+    ds = _dataset(root, "valid", Preprocess.from_model_config(model.config), model.config.downsample()[0], None,
+                  None, 1)
+    batch = next(_batches(ds, 2))
+    labs = [[LABELS.index("Lung nodule"), LABELS.index("Atelectasis")], []]
+    coarse = ModelPredictor(model, torch.device("cpu"))(batch, labs)
+    out = ModelPredictor(stitched, torch.device("cpu"))(batch, labs)
+    d, h, w = model.config.token_grid()
+    for lab in labs[0]:
+        assert out["heat"][0][lab].shape == (d, 2 * h, 4 * w)
+        np.testing.assert_allclose(out["heat"][0][lab][:, ::2, ::4], coarse["heat"][0][lab], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["probs"], coarse["probs"])  # classification stays on the tokens
+    rep = evaluate(str(fine), root, split="valid", bootstrap=0)
+    assert rep["heatmaps"]["n_volume_labels"] == evaluate(str(weights), root, split="valid",
+                                                          bootstrap=0)["heatmaps"]["n_volume_labels"]
+
+
 def test_cli_evaluate_and_export(setup, tmp_path, capsys):
     from training.__main__ import main
 

@@ -70,7 +70,7 @@ def _export(args: argparse.Namespace) -> int:
         if found is None:
             raise SystemExit(f"{ckpt}: no checkpoint found (expected checkpoints/step_*.pt)")
         ckpt = found
-    path = export(ckpt, args.out, args.eval, args.calibration)
+    path = export(ckpt, args.out, args.eval, args.calibration, args.set)
     print(f"weights -> {path}")
     return 0
 
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--eval", help="evaluation report.json to put in card.md")
     x.add_argument("--calibration", help="calibration.json of `training calibrate` (sets its config values)")
+    x.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="an inference-time config value (heatmap_subdivision, locate_peak_radius), e.g. "
+                        "--set heatmap_subdivision=[1,4,4]; repeatable")
     x.set_defaults(run=_export)
     return p
 

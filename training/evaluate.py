@@ -7,18 +7,19 @@
 - Snippet localization: predicted slice = the best depth bin's centre mapped to the input slice; error |delta| in
   slices and mm, % inside the finding's slice range (phantom ``ground_truth.jsonl``; else the cited slice).
 - Heatmaps (phantom masks), focal findings: pointing game per (volume, label) with Zhang et al.'s hit rule (a hit
-  when the argmax of the label-prompt heatmap on the input grid lies on any of the label's instance masks) but
-  without their 15-pixel tolerance (stricter; this is the target's figure), also per finding (stricter still: one
-  maximum can hit only one of two nodules), and mass-in-mask (share of the heatmap mass above its mean inside the
-  label's masks). Reported beside it, not instead: the peak's distance to the nearest mask voxel (mm) and the share
-  of peaks within ``POINTING_TOLERANCE_MM`` of it, which tells a near miss from a wrong organ.
+  when the argmax of the label-prompt heatmap (on the model's `heatmap_subdivision` grid), resampled to the input
+  grid, lies on any of the label's instance masks) but without their 15-pixel tolerance (stricter; this is the
+  target's figure), also per finding (stricter still: one maximum can hit only one of two nodules), and
+  mass-in-mask (share of the heatmap mass above its mean inside the label's masks). Reported beside it, not
+  instead: the peak's distance to the nearest mask voxel (mm) and the share of peaks within
+  ``POINTING_TOLERANCE_MM`` of it, which tells a near miss from a wrong organ.
 - Intervals: 95% percentile-bootstrap intervals over volumes for mean AUROC, localization (median mm, % inside)
   and the pointing game (``bootstrap`` draws; `intervals`): 100 phantom scans leave room for chance.
 - ``baseline``: ``random`` (random scores/embeddings/heatmaps) or ``prevalence`` (label prevalence as the score,
   centre slice, flat heatmap), so the benchmark shows what a trivial model gets; ``mask`` is the prevalence baseline
   with oracle heatmaps: each token's share of voxels on the label's phantom masks
-  (`mask_occupancy`), an oracle that tells what the pointing game can reach at that grid (the grid of
-  ``--weights``' config).
+  (`mask_occupancy`), an oracle that tells what the pointing game can reach at that grid (the heatmap grid of
+  ``--weights``' config: tokens, or the stitched grid with ``heatmap_subdivision``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from ctvl.model.stitch import stitched, stitched_ijk_to_ras
 from ctvl.prompts import LABELS, snippet_labels
 from ctvl.tokengrid import refine_peak
 
@@ -72,7 +75,13 @@ class ModelPredictor:
             valid = batch["bin_valid"].to(self.device)[owner]
             bins = list(logits.masked_fill(~valid, float("-inf")).float().cpu().numpy())  # argmax over the scan
         heats, label_tokens = [], m.label_tokens(emb)
+        stitch = tuple(m.config.heatmap_subdivision) != (1, 1, 1)
         for i, labs in enumerate(heat_labels):
+            if stitch and labs:  # the finer heatmaps the product shows (shift-and-stitch, config.heatmap_subdivision)
+                z = m.stitched_heatmap_logits(batch["image"][i : i + 1].to(self.device, torch.float32),
+                                              [LABELS[lab] for lab in labs], self.pos[labs], self.neg[labs])[0]
+                heats.append({lab: z[j].float().cpu().numpy() for j, lab in enumerate(labs)})
+                continue
             ev = emb.evidence[i : i + 1] if emb.evidence is not None else None
             heats.append({lab: m.disease_heatmap_logits(label_tokens[i : i + 1], [LABELS[lab]], self.pos[lab : lab + 1],
                                                          self.neg[lab : lab + 1], ev)[0, 0].float().cpu().numpy()
@@ -178,25 +187,19 @@ def _mask_path(root: Path, split: str, name: str, rec: dict) -> Path | None:
 # ------------------------------------------------------------------------------------------- evaluation
 
 
-def _token_affine(model_affine: np.ndarray, bin_size: tuple[int, int, int]) -> np.ndarray:
-    """IJK->RAS of the token grid: token (a,b,c) = centre of model voxels [a*p, (a+1)*p) per axis."""
-    p_ijk = np.array(bin_size[::-1], dtype=np.float64)
-    out = np.array(model_affine, dtype=np.float64)
-    out[:3, 3] = out[:3, :3] @ ((p_ijk - 1) / 2) + out[:3, 3]
-    out[:3, :3] = out[:3, :3] * p_ijk
-    return out
-
-
 def mask_occupancy(mask, values: list[int], model_affine: np.ndarray, model_shape: tuple[int, int, int],
-                   token_size: tuple[int, int, int]) -> np.ndarray:
+                   token_size: tuple[int, int, int], subdivision: tuple[int, int, int] = (1, 1, 1)) -> np.ndarray:
     """Share of each token's model voxels that lie on the instances ``values`` of ``mask`` (a `Volume`): an oracle
-    heatmap on this token grid, whose pointing game tells what the metric can reach at that resolution."""
+    heatmap on this token grid, whose pointing game tells what the metric can reach at that resolution; with
+    ``subdivision`` on the grid of the model's stitched heatmaps (the token-sized box at every cell)."""
     from ctvl.geometry import Volume, resample
 
     on = Volume(np.isin(mask.array, values).astype(np.float32), mask.ijk_to_ras)
     model = resample(on, model_affine, tuple(model_shape), order=0, fill=0.0).array
-    (d, h, w), (pd, ph, pw) = model.shape, token_size
-    return model.reshape(d // pd, pd, h // ph, ph, w // pw, pw).mean(axis=(1, 3, 5))
+    box = tuple(int(p) for p in token_size)
+    occ = stitched(lambda t: F.avg_pool3d(t, box, box), torch.from_numpy(np.ascontiguousarray(model))[None, None],
+                   box, subdivision)
+    return occ[0, 0].numpy()
 
 
 def _dataset(root, split, pre, bin_size, max_volumes, cache_dir, workers) -> CTRateDataset:
@@ -286,7 +289,8 @@ def evaluate(
         val_ds = _dataset(root, val_split, pre, bsize[0], max_volumes, cache_dir, workers)
     if baseline:
         prev = np.nanmean(np.stack([r.labels for r in (val_ds or ds).records]), axis=0)
-        predictor = BaselinePredictor(baseline, tuple(mc.token_grid()), bsize[0], prev, seed)
+        heat_grid = tuple(g * int(n) for g, n in zip(mc.token_grid(), mc.heatmap_subdivision))
+        predictor = BaselinePredictor(baseline, heat_grid, bsize[0], prev, seed)
     else:
         predictor = ModelPredictor(model, run_on)
 
@@ -328,7 +332,7 @@ def evaluate(
             if mpath is None:
                 continue
             mask = read_volume(mpath, validate=False)
-            tok_aff = _token_affine(np.asarray(info["model_ijk_to_ras"]), bsize)
+            heat_aff = stitched_ijk_to_ras(np.asarray(info["model_ijk_to_ras"]), bsize, mc.heatmap_subdivision)
             instances: dict[str, list[int]] = {}  # label -> mask values of its focal findings in this volume
             for f in findings:
                 if f.get("label") in LABELS and LABELS.index(f["label"]) in out["heat"][b] and f.get("mask_value") \
@@ -337,8 +341,9 @@ def evaluate(
             for label, values in instances.items():
                 heat = out["heat"][b][LABELS.index(label)]
                 if heat is None:  # the mask baseline
-                    heat = mask_occupancy(mask, values, np.asarray(info["model_ijk_to_ras"]), mc.input_shape, bsize)
-                on_input = resample(Volume(heat.astype(np.float32), tok_aff), mask.ijk_to_ras, mask.array.shape,
+                    heat = mask_occupancy(mask, values, np.asarray(info["model_ijk_to_ras"]), mc.input_shape, bsize,
+                                          mc.heatmap_subdivision)
+                on_input = resample(Volume(heat.astype(np.float32), heat_aff), mask.ijk_to_ras, mask.array.shape,
                                     order=1, fill=float(heat.min())).array
                 row, hits = pointing(on_input, mask.array, values, spacing=mask.spacing[::-1])
                 finding_rows += [{"volume": r.name, "label": label, "hit": h} for h in hits]

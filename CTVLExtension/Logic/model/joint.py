@@ -57,6 +57,7 @@ from ctvl.model.densitometry import (
     log_fractions,
     regional_fractions,
 )
+from ctvl.model.stitch import stitched
 from ctvl.model.text import TextTower, chunk_text, split_sentences
 from ctvl.model.vision import DenseHead, VisionEncoder, _groups, _init_weights
 from ctvl.prompts import LABELS, disease_prompts, prompt_table
@@ -567,6 +568,19 @@ class CTVLModel(nn.Module):
         scale, bias = self._mil_params(pos_emb.shape[0], labels)
         extra = self.evidence_logits(evidence, labels, pos_emb.shape[0])
         return token_disease_logits(tokens, pos_emb, neg_emb, scale, bias, extra)
+
+    def stitched_heatmap_logits(self, x: Tensor, labels: list[str] | tuple[str, ...], pos_emb: Tensor,
+                                neg_emb: Tensor, subdivision: tuple[int, int, int] | None = None) -> Tensor:
+        """`disease_heatmap_logits` of input x [B,C,D,H,W] on the grid `config.heatmap_subdivision` (or
+        `subdivision`) times finer than the tokens, by shift-and-stitch (`ctvl.model.stitch`) ->
+        [B,L,d*n_d,h*n_h,w*n_w]; its geometry: `ctvl.model.stitch.stitched_ijk_to_ras`."""
+
+        def maps(moved: Tensor) -> Tensor:
+            emb = self.encode_image(moved)
+            return self.disease_heatmap_logits(self.label_tokens(emb), labels, pos_emb, neg_emb, emb.evidence)
+
+        n = tuple(subdivision or self.config.heatmap_subdivision)
+        return stitched(maps, x, self.config.downsample(), n)  # type: ignore[arg-type]
 
     def mil_logits(self, tokens: Tensor, pos_emb: Tensor, neg_emb: Tensor,
                    labels: list[str] | tuple[str, ...] | None = None, mask: Tensor | None = None,
