@@ -50,6 +50,14 @@ def test_mixed_precision_settings_are_checked():
     assert amp_dtype(tc, cpu) is None and amp_dtype(tc, gpu) == torch.bfloat16  # CPU stays fp32 by default
     tc = load_config(CONFIGS[0], ["train.amp=bf16", "train.cpu_amp=true"]).train
     assert amp_dtype(tc, cpu) == torch.bfloat16
+    tc = load_config(CONFIGS[0], ["train.amp=bf16", "train.cpu_amp=auto"]).train  # bf16 only where it is native
+    assert amp_dtype(tc, cpu, native_bf16=lambda: True) == torch.bfloat16
+    assert amp_dtype(tc, cpu, native_bf16=lambda: False) is None and amp_dtype(tc, cpu, lambda: None) is None
+    assert amp_dtype(tc, gpu) == torch.bfloat16
+    with pytest.raises(CTVLInputError, match="true, false or auto"):
+        load_config(CONFIGS[0], ["train.cpu_amp=sometimes"])
+    with pytest.raises(CTVLInputError, match="cpu_amp"):
+        load_config(CONFIGS[0], ["train.amp=fp16", "train.cpu_amp=auto"])
     assert amp_dtype(load_config(CONFIGS[0], ["train.amp=fp16"]).train, gpu) == torch.float16
     assert amp_dtype(load_config(CONFIGS[0], ["train.amp=none"]).train, gpu) is None
 

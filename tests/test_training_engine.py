@@ -33,8 +33,8 @@ def test_loss_falls(data, tmp_path):
 
 
 def test_cpu_bf16_autocast_trains(data, tmp_path, monkeypatch):
-    """train.cpu_amp runs the step under bf16 autocast on CPU (off by default) and the loss still falls (here with
-    an extra input window too); the model card names both."""
+    """train.cpu_amp runs the step under bf16 autocast on CPU (off by default; `auto` only where the CPU does bf16
+    in hardware) and the loss still falls (here with an extra input window too); the model card names each."""
     from training import engine
 
     seen = []
@@ -56,14 +56,21 @@ def test_cpu_bf16_autocast_trains(data, tmp_path, monkeypatch):
                  "model.blob_readout": "true"})
     summary = engine.train(tiny_config(data, **over), tmp_path / "bf16", progress=False)
     assert seen and all(seen)
+    seen.clear()
+    # auto: fp32 on a CPU without bf16 in hardware (where emulated bf16 is over 10x slower)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    engine.train(tiny_config(data, **{**over, "train.cpu_amp": "auto", "train.max_steps": 2}), tmp_path / "auto",
+                 progress=False)
+    assert seen and not any(seen)
     losses = summary["losses"]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     from training.export import export
 
     cards = [(export(engine.latest_checkpoint(tmp_path / r), tmp_path / f"w-{r}") / "card.md").read_text()
-             for r in ("fp32", "bf16")]
-    assert "autocast bf16 on GPU (CPU: fp32)" in cards[0] and "autocast bf16 on GPU, bf16 on CPU" in cards[1]
+             for r in ("fp32", "bf16", "auto")]
+    assert "autocast bf16 on GPU, steps in fp32 on cpu" in cards[0]
+    assert "autocast bf16 on GPU, steps in bf16 on cpu" in cards[1] and "steps in fp32 on cpu" in cards[2]
     assert "re-windowed" not in cards[0] and "re-windowed to [-160.0, 240.0] HU" in cards[1]
     assert "blobness" not in cards[0] and "Hessian blobness at 8.0 mm, Hessian blobness at 16.0 mm" in cards[1]
     assert "blobness maximum per token" in cards[1] and "per-label blobness readout" in cards[1]

@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from ctvl.errors import CTVLInputError
 
@@ -110,10 +110,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "bf16"  # none | bf16 | fp16 on GPU; CPU runs fp32 unless cpu_amp
-    # bf16 autocast on CPU too (amp must be bf16): on a CPU with avx512_bf16 or AMX the demo step runs 1.5x faster
-    # (2.71 -> 1.81 s, benchmarks/train_step_speed.py --override train.cpu_amp=true); without them it is emulated
-    # and slower
-    cpu_amp: bool = False
+    # bf16 autocast on CPU too (amp must be bf16): true | false | auto. On a CPU with avx512_bf16 or AMX the demo
+    # step runs 1.5x faster (2.71 -> 1.81 s, benchmarks/train_step_speed.py --override train.cpu_amp=true); without
+    # them bf16 is emulated, over 10x slower than fp32 (AVX2-only EPYC: > 100 s against 7.7 s). auto: bf16 only
+    # where the CPU flags list avx512_bf16 or amx_bf16, fp32 elsewhere (and where the flags cannot be read)
+    cpu_amp: Union[bool, str] = False
     grad_checkpointing: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -124,6 +125,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.amp not in ("none", "bf16", "fp16"):
             raise CTVLInputError("train.amp", f"unknown value {self.amp!r}", "Use none, bf16 or fp16")
+        if self.cpu_amp not in (True, False, "auto"):
+            raise CTVLInputError("train.cpu_amp", f"unknown value {self.cpu_amp!r}", "Use true, false or auto")
         if self.cpu_amp and self.amp != "bf16":
             raise CTVLInputError("train.cpu_amp", f"needs train.amp: bf16, got {self.amp!r}",
                                  "CPU autocast is bf16 only")

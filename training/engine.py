@@ -307,11 +307,14 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def amp_dtype(tc, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a training step: ``train.amp`` on GPU; on CPU bf16 only with ``train.cpu_amp``."""
+def amp_dtype(tc, device: torch.device, native_bf16=None) -> torch.dtype | None:
+    """The autocast dtype of a training step: ``train.amp`` on GPU; on CPU bf16 with ``train.cpu_amp: true``, and
+    with ``auto`` only where ``native_bf16()`` (default: the CPU flags) says the CPU does bf16 in hardware."""
     if device.type == "cuda":
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)
-    return torch.bfloat16 if tc.cpu_amp else None  # TrainConfig checks that cpu_amp comes with amp: bf16
+    if tc.cpu_amp == "auto":  # TrainConfig checks that cpu_amp comes with amp: bf16
+        return torch.bfloat16 if (native_bf16 or cpu_has_native_bf16)() is True else None
+    return torch.bfloat16 if tc.cpu_amp else None
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -409,8 +412,12 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     optimizer, scheduler = build_optimizer(model, cfg)
     autocast_dtype = amp_dtype(tc, device)
     if main and device.type == "cpu" and autocast_dtype is not None and cpu_has_native_bf16() is False:
-        log.warning("train.cpu_amp: this CPU has no avx512_bf16/amx_bf16, so bf16 autocast is emulated and likely "
-                    "slower than fp32; set train.cpu_amp: false")
+        log.warning("train.cpu_amp: this CPU has no avx512_bf16/amx_bf16, so bf16 autocast is emulated and over 10x "
+                    "slower than fp32; set train.cpu_amp: auto or false")
+    if main and device.type == "cpu" and tc.cpu_amp == "auto":
+        log.info("train.cpu_amp: auto -> %s", "bf16 autocast (the CPU does bf16 in hardware)" if autocast_dtype
+                 else "fp32 (no avx512_bf16/amx_bf16 in the CPU flags, or no flags to read)")
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(autocast_dtype, "fp32") + f" on {device.type}"
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
 
     step, epoch, micro_pos = 0, 0, 0
@@ -486,7 +493,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
             stopping = stop_after is not None and step >= stop_after
             if step % tc.checkpoint_every == 0 or step == tc.max_steps or stopping:
                 save_checkpoint(out, cfg, model, optimizer, scheduler, scaler, step, epoch, micro_pos,
-                                loader_gen, world, main, tc.keep_checkpoints)
+                                loader_gen, world, main, tc.keep_checkpoints, precision)
             if step >= tc.max_steps or stopping:
                 break
         else:
@@ -521,8 +528,9 @@ def weights_digest(model) -> str:
 
 
 def save_checkpoint(out, cfg, model, optimizer, scheduler, scaler, step, epoch, micro_pos, loader_gen, world, main,
-                    keep) -> None:
-    """Atomic ``step_XXXXXXX.pt`` + ``latest`` pointer; RNG states gathered from every rank."""
+                    keep, autocast: str = "fp32 on cpu") -> None:
+    """Atomic ``step_XXXXXXX.pt`` + ``latest`` pointer; RNG states gathered from every rank; `autocast` names the
+    precision and device type the steps ran in, e.g. "bf16 on cpu" (for the model card)."""
     states = [rng_state()]
     if world > 1:
         states = [None] * world
@@ -533,7 +541,7 @@ def save_checkpoint(out, cfg, model, optimizer, scheduler, scaler, step, epoch, 
         "model": trainable_state(model), "model_config": _model_config_dict(model), "config": cfg.to_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "step": step, "epoch": epoch, "micro_pos": micro_pos, "rng": states, "loader_generator": loader_gen.get_state(),
-        "world_size": world,
+        "world_size": world, "autocast": autocast,
     }
     d = checkpoint_dir(out)
     name = f"step_{step:07d}.pt"

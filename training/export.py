@@ -63,7 +63,8 @@ def model_card(ck: dict, eval_report: dict | None, calibration: dict | None = No
            if cfg.data.generate.enabled else ""),
         f"- config '{cfg.name}': {ck['step']} steps, batch {cfg.train.batch_size} x {ck.get('world_size', 1)} "
         f"process(es) x accumulation {cfg.train.grad_accum}, lr {cfg.optim.lr}, autocast {cfg.train.amp} on GPU"
-        + (", bf16 on CPU" if cfg.train.cpu_amp else " (CPU: fp32)"),
+        + (f", steps in {ck['autocast']}" if "autocast" in ck
+           else ", bf16 on CPU" if cfg.train.cpu_amp is True else " (CPU: fp32)"),
         "- objectives: " + ", ".join(
             f"{k}{' (report-guided)' if k == 'mil' and cfg.loss.mil.guided else ''} "
             f"(weight {getattr(cfg.loss, k).weight})"
