@@ -38,6 +38,9 @@ def headline(report: dict) -> dict[str, float | None]:
     loc, h = report.get("localization", {}), report.get("heatmaps", {})
     return {
         "auroc": c["mean"]["auroc"],
+        # each score the shipped probability averages, alone (training.evaluate.score_branches)
+        "auroc_pooled": report.get("score_branches", {}).get("pooled", {}).get("mean_auroc"),
+        "auroc_mil": report.get("score_branches", {}).get("mil", {}).get("mean_auroc"),
         "f1_fixed_on_valid": c["mean"].get("fixed_on_valid", {}).get("f1"),
         "f1_eval_set": c["mean"].get("eval_set", {}).get("f1"),
         "R@1": r.get("R@1"), "R@5": r.get("R@5"), "R@10": r.get("R@10"), "R@50": r.get("R@50"),

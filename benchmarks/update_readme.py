@@ -49,6 +49,8 @@ def quality_section(q: dict) -> list[str]:
     names = {"model": "demo model", "random": "random baseline", "prevalence": "prevalence baseline",
              "mask": "oracle heatmaps (masks on the heatmap grid)"}
     rows = [("mean AUROC, positive vs negative prompt", "auroc", 3, "≥ 0.90"),
+            ("… of the pooled zero-shot score alone (strict zero-shot)", "auroc_pooled", 3, ""),
+            ("… of the token-level (MIL) score alone", "auroc_mil", 3, ""),
             ("mean F1, threshold fixed on valid", "f1_fixed_on_valid", 3, ""),
             ("mean F1, threshold picked on test (CT-CLIP rule)", "f1_eval_set", 3, ""),
             ("report→volume R@1 (pool of 100)", "R@1", 3, ""),
@@ -79,9 +81,12 @@ def quality_section(q: dict) -> list[str]:
                 "other figures are the prevalence baseline's."]
     per = q["reports"]["model"]["classification"]["per_label"]
     point = {c: q["reports"][c].get("heatmaps", {}).get("per_label", {}) for c in ("model", "mask") if c in cols}
+    branch = {k: b["per_label_auroc"] for k, b in q["reports"]["model"].get("score_branches", {}).items()}
     out += ["", "<details><summary>Per-label AUROC and pointing game (demo model)</summary>", "",
-            "| label | AUROC | pointing game | pointing game, oracle heatmaps |", "|---|---|---|---|"]
+            "| label | AUROC | AUROC, pooled score alone | AUROC, MIL score alone | pointing game "
+            "| pointing game, oracle heatmaps |", "|---|---|---|---|---|---|"]
     out += [f"| {name} | {_f(row['auroc'])} | "
+            + " | ".join(_f(branch.get(k, {}).get(name)) for k in ("pooled", "mil")) + " | "
             + " | ".join(_f(point.get(c, {}).get(name, {}).get("pointing_game")) for c in ("model", "mask")) + " |"
             for name, row in per.items()]
     out += ["", "</details>"]

@@ -330,6 +330,37 @@ def test_locate_adds_the_named_labels_heatmap_peaks_like_the_evaluation():
     np.testing.assert_allclose(grounded.bin_scores(text), ev.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_locate_takes_the_named_labels_peaks_on_the_side_the_text_names_like_the_evaluation():
+    from ctvl.model.config import tiny_config
+    from ctvl.model.joint import ImageEmbeddings, label_depth_evidence
+    from ctvl.model.laterality import side_columns
+
+    torch.manual_seed(0)
+    cfg = tiny_config().replace(mil_disease=True, locate_label_weight=2.0)
+    both = model_mod.CTVLModel(cfg).eval()
+    model = model_mod.CTVLModel(cfg.replace(locate_laterality=True)).eval()
+    model.load_state_dict(both.state_dict())
+    vol = lesion_volume("lps")
+    a, b = encode(vol, both), encode(vol, model)
+    pw = cfg.downsample()[2]
+    image = torch.from_numpy(b.model_input)
+    heat = b.token_scores("Lung nodule")[None]
+    for text, side in (("A solid nodule in the right upper lobe.", "right"), ("Nodule, left lower lobe.", "left")):
+        cols = side_columns(image, side, pw, cfg.hu_window)
+        assert 0 < int(cols.sum()) < cols.numel()
+        want = a.bin_scores(text) + 2.0 * (label_depth_evidence(heat, cols) - label_depth_evidence(heat)).numpy()
+        np.testing.assert_allclose(b.bin_scores(text), want, rtol=1e-5, atol=1e-5)
+        # the evaluation's term (pair_bin_logits with the model's side columns) on the same single window
+        emb = ImageEmbeddings(b.tokens[None], b.pooled[None], b.bins[None], None, None)
+        owner = torch.tensor([0])
+        with torch.no_grad():
+            ev = model.pair_bin_logits(emb, model.encode_text([text]), owner, [("Lung nodule",)],
+                                       columns=model.side_columns([text], image[None, None], owner))[0]
+        np.testing.assert_allclose(b.bin_scores(text), ev.numpy(), rtol=1e-4, atol=1e-4)
+    no_side = "A solid nodule in the lingula."
+    np.testing.assert_allclose(b.bin_scores(no_side), a.bin_scores(no_side), rtol=1e-6)
+
+
 def test_locate_refines_a_peak_between_bins_and_leaves_runner_ups_on_its_flank():
     from ctvl.model.config import tiny_config
     from ctvl.tokengrid import refine_peak

@@ -59,6 +59,7 @@ def test_calibrate_writes_a_weight_that_evaluate_then_uses(tmp_path, capsys):
     best = fitted["locate_label_weight"]
     assert best == max(fitted["grid"], key=lambda t: t["log_mass_in_range"])["weight"]
     assert load_weights(weights).config.locate_label_weight == best
+    assert fitted["config"] == {"locate_label_weight": best, "locate_laterality": False}  # what it was fitted under
     assert "<-" in capsys.readouterr().out
     # evaluate's localization with a written weight is the calibration's argmax figures for that weight; a weight
     # of 1000 lets the labels' heatmap peaks decide, which moves the figures of this untrained model

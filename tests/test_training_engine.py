@@ -173,6 +173,25 @@ def test_export_load_round_trip(data, tmp_path):
         export(ckpt, tmp_path / "bad", settings=["heatmap_subdivision=[1, 3, 2]"])
     with pytest.raises(CTVLWeightsError, match="heatmap_subdivision"):
         export(ckpt, tmp_path / "bad", settings=["heatmap_subdivision=abc"])
+    # an exported directory is a source too (its checkpoint need not be at hand), in place: new settings and
+    # calibration, the same tensors, the card's training section kept verbatim
+    import shutil
+
+    from training.__main__ import main
+
+    again = shutil.copytree(fitted, tmp_path / "again")
+    calib.write_text(json.dumps({"config": {"locate_label_weight": 0.4, "locate_laterality": True}, "split": "valid",
+                                 "rule": "R", "locate_label_weight": 0.4}))
+    assert main(["export", str(again), "--out", str(again), "--calibration", str(calib), "--set",
+                 "heatmap_subdivision=[1, 2, 2]"]) == 0
+    d = load_weights(again)
+    assert d.config.locate_label_weight == 0.4 and d.config.locate_laterality and d.config.heatmap_subdivision == (
+        1, 2, 2)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in d.state_dict().items())
+    card, before = (again / "card.md").read_text(), (fitted / "card.md").read_text()
+    section = before[before.index("## Training data"):before.index("## Metrics")]
+    assert section in card and "2 steps" in section
+    assert "0.4 x the heatmap peaks of the labels a text names (on the patient side it names)" in card
 
 
 def test_ddp_two_processes_gloo(data, tmp_path):

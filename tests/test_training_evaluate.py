@@ -45,9 +45,41 @@ def test_model_report(setup):
     assert h["pointing_game"] <= h["pointing_game_within_tolerance"] <= 1 and h["median_peak_distance_mm"] >= 0
     loc = rep["localization"]
     assert sum(r["n"] for r in loc["per_label"].values()) == loc["n_pairs"]
+    # without the MIL score the shipped probability is the pooled zero-shot score itself
+    assert set(rep["score_branches"]) == {"pooled"}
+    assert rep["score_branches"]["pooled"]["mean_auroc"] == pytest.approx(c["mean"]["auroc"])
     table = format_table(rep)
-    assert "MEAN" in table and "retrieval" in table
+    assert "MEAN" in table and "retrieval" in table and "pooled embedding alone" in table
     json.dumps(rep)  # serialisable
+
+
+def test_score_branches_are_the_halves_of_the_shipped_score(setup, tmp_path):
+    from ctvl.model import CTVLModel, load_weights, save_weights
+    from sklearn.metrics import roc_auc_score
+
+    from training.data import Preprocess
+    from training.evaluate import ModelPredictor, _batches, _dataset, score_branches
+
+    root, weights = setup
+    cfg = load_weights(weights).config.replace(mil_disease=True)
+    torch.manual_seed(1)
+    model = load_weights(save_weights(CTVLModel(cfg), tmp_path / "w"))
+    ds = _dataset(root, "valid", Preprocess.from_model_config(cfg), cfg.downsample()[0], None, None, 1)
+    out = ModelPredictor(model, torch.device("cpu"))(next(_batches(ds, 3)), [[], [], []])
+    assert set(out["branches"]) == {"pooled", "mil"}
+    shipped = np.log(out["probs"]) - np.log1p(-out["probs"])
+    np.testing.assert_allclose(shipped, (out["branches"]["pooled"] + out["branches"]["mil"]) / 2, atol=1e-4)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (40, len(LABELS))).astype(np.float64)
+    y[:5, 0] = np.nan  # a missing label is left out, not counted as negative
+    y[:, 1] = 1  # one class only: undefined
+    s = rng.normal(size=y.shape) + y * 0.5
+    rep = score_branches({"pooled": s}, y)["pooled"]
+    assert rep["per_label_auroc"][LABELS[0]] == pytest.approx(roc_auc_score(y[5:, 0], s[5:, 0]))
+    assert np.isnan(rep["per_label_auroc"][LABELS[1]])
+    want = np.mean([roc_auc_score(y[:, j], s[:, j]) for j in range(2, len(LABELS))] + [roc_auc_score(y[5:, 0],
+                                                                                                      s[5:, 0])])
+    assert rep["mean_auroc"] == pytest.approx(want)
 
 
 def test_pointing_counts_a_hit_on_any_instance_of_the_label_and_per_finding():

@@ -62,10 +62,10 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from training.engine import latest_checkpoint
-    from training.export import export
+    from training.export import export, is_weights_dir
 
     ckpt = Path(args.checkpoint)
-    if ckpt.is_dir():
+    if ckpt.is_dir() and not is_weights_dir(ckpt):
         found = latest_checkpoint(ckpt)
         if found is None:
             raise SystemExit(f"{ckpt}: no checkpoint found (expected checkpoints/step_*.pt)")
@@ -116,12 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=1)
     c.set_defaults(run=_calibrate)
     x = sub.add_parser("export", help="checkpoint -> weights directory")
-    x.add_argument("checkpoint", help="a checkpoint .pt or a run directory (latest checkpoint)")
+    x.add_argument("checkpoint", help="a checkpoint .pt, a run directory (latest checkpoint), or an exported "
+                                      "weights directory (new settings, calibration, metrics; card keeps its training)")
     x.add_argument("--out", required=True)
     x.add_argument("--eval", help="evaluation report.json to put in card.md")
     x.add_argument("--calibration", help="calibration.json of `training calibrate` (sets its config values)")
     x.add_argument("--set", action="append", metavar="NAME=VALUE",
-                   help="an inference-time config value (heatmap_subdivision, locate_peak_radius), e.g. "
+                   help="an inference-time config value (heatmap_subdivision, locate_peak_radius, "
+                        "locate_laterality), e.g. "
                         "--set heatmap_subdivision=[1,4,4]; repeatable")
     x.set_defaults(run=_export)
     return p

@@ -79,7 +79,9 @@ def collect(weights: str, data: str | Path, split: str = "valid", batch_size: in
             owner = batch["snippet_owner"].to(run_on)
             text = model.pair_bin_logits(emb, model.encode_text(batch["snippets"]), owner).float().cpu()
             named = [snippet_labels(t) for t in batch["snippets"]]
-            evidence = model.label_bin_logits(emb, named, owner, pos, neg, weight=1.0)  # None: no text names one
+            sides = model.side_columns(batch["snippets"], batch["image"], batch["snippet_owner"])
+            evidence = model.label_bin_logits(emb, named, owner, pos, neg, weight=1.0,  # None: no text names one
+                                              columns=sides)
             valid = batch["bin_valid"][batch["snippet_owner"]].numpy()
             if evidence is None:
                 evidence = torch.zeros(valid.shape)
@@ -133,8 +135,10 @@ def calibrate(weights: str, data: str | Path, split: str = "valid", grid: tuple[
               **kw: Any) -> dict[str, Any]:
     rows, mc = collect(weights, data, split, **kw)
     report = fit(rows, grid, int(mc.locate_peak_radius))
+    # the weight goes with the laterality it was fitted under (config.locate_laterality): both are written
     report.update({"weights": str(weights), "data": str(data), "split": split,
-                   "config": {"locate_label_weight": report["locate_label_weight"]}})
+                   "config": {"locate_label_weight": report["locate_label_weight"],
+                              "locate_laterality": bool(mc.locate_laterality)}})
     return report
 
 

@@ -3,6 +3,8 @@
 - Zero-shot classification with the positive/negative prompt pair: per-label and mean AUROC, F1, accuracy,
   precision. Thresholds: (a) ``eval_set``: picked per class on the evaluation set itself (CT-CLIP's Youden rule;
   flatters F1), (b) ``fixed_on_valid``: picked the same way on ``--val-split`` and applied unchanged.
+- ``score_branches``: the mean and per-label AUROC of each score the shipped probability averages, on its own:
+  the strict zero-shot prompt pair on the pooled embedding, and (config.mil_disease) the token-level MIL score.
 - Report -> volume retrieval Recall@1/5/10/50 inside pools of ``pool_size`` volumes (CT-CLIP's "R@10 among 100").
 - Snippet localization: predicted slice = the best depth bin's centre mapped to the input slice; error |delta| in
   slices and mm, % inside the finding's slice range (phantom ``ground_truth.jsonl``; else the cited slice).
@@ -65,13 +67,19 @@ class ModelPredictor:
         logits = m.final_disease_logits(emb.pooled, self.pos, self.neg, tokens=m.label_tokens(emb), mask=valid,
                                         evidence=emb.evidence)
         probs = torch.sigmoid(logits).float().cpu().numpy()
+        # the two scores the shipped one averages (config.mil_disease), each on its own (`score_branches`)
+        branches = {"pooled": m.disease_logits(emb.pooled, self.pos, self.neg).float().cpu().numpy()}
+        if m.config.mil_disease:
+            branches["mil"] = m.mil_logits(m.label_tokens(emb), self.pos, self.neg, LABELS, mask=valid,
+                                           evidence=emb.evidence).float().cpu().numpy()
         reports = m.encode_reports(batch["text"]).float().cpu().numpy()
         bins = []
         if batch["snippets"]:
             snip = m.encode_text(batch["snippets"])
             owner = batch["snippet_owner"].to(self.device)
             named = [snippet_labels(t) for t in batch["snippets"]]  # label-grounded depth scores (if calibrated)
-            logits = m.pair_bin_logits(emb, snip, owner, named, (self.pos, self.neg))
+            sides = m.side_columns(batch["snippets"], batch["image"], batch["snippet_owner"])
+            logits = m.pair_bin_logits(emb, snip, owner, named, (self.pos, self.neg), sides)
             valid = batch["bin_valid"].to(self.device)[owner]
             bins = list(logits.masked_fill(~valid, float("-inf")).float().cpu().numpy())  # argmax over the scan
         heats, label_tokens = [], m.label_tokens(emb)
@@ -87,7 +95,7 @@ class ModelPredictor:
                                                          self.neg[lab : lab + 1], ev)[0, 0].float().cpu().numpy()
                           for lab in labs})
         return {"probs": probs, "image": emb.pooled.float().cpu().numpy(), "report": reports, "bins": bins,
-                "heat": heats}
+                "heat": heats, "branches": branches}
 
 
 BASELINES = ("random", "prevalence", "mask")
@@ -245,6 +253,19 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, thresholds: dic
     return out
 
 
+BRANCHES = {"pooled": "zero-shot prompt pair on the pooled embedding alone",
+            "mil": "token-level (MIL) score alone: LSE pooling of the label heatmap"}
+
+
+def score_branches(branches: dict[str, np.ndarray], labels: np.ndarray) -> dict:
+    """AUROC of each score the shipped probability averages (`CTVLModel.final_disease_logits`), on its own: which
+    carries the reading, and whether the strict zero-shot (pooled) score generalises as the token-level one does."""
+    return {name: {"what": BRANCHES[name], "mean_auroc": M.mean_auroc(labels, s),
+                   "per_label_auroc": {lab: M.auroc(labels[~np.isnan(labels[:, j]), j] > 0.5,
+                                                    s[~np.isnan(labels[:, j]), j]) for j, lab in enumerate(LABELS)}}
+            for name, s in branches.items()}
+
+
 def pick_thresholds(probs: np.ndarray, labels: np.ndarray, rule: str) -> np.ndarray:
     th = np.full(len(LABELS), 0.5)
     for j in range(len(LABELS)):
@@ -297,6 +318,7 @@ def evaluate(
     gt = load_ground_truth(root, split)
     radius = int(mc.locate_peak_radius) if model is not None else 0
     probs, labels, img_emb, rep_emb, names = [], [], [], [], []
+    branches: dict[str, list[np.ndarray]] = {}
     loc_rows, point_rows, finding_rows = [], [], []
     for batch in _batches(ds, batch_size):
         recs = [ds.records[int(i)] for i in batch["index"]]
@@ -309,6 +331,8 @@ def evaluate(
         out = predictor(batch, heat_labels)
         probs.append(out["probs"])
         labels.append(batch["labels"].numpy())
+        for name, scores in out.get("branches", {}).items():
+            branches.setdefault(name, []).append(scores)
         img_emb.append(out["image"])
         rep_emb.append(out["report"])
         # localization
@@ -365,6 +389,7 @@ def evaluate(
                                if "fixed_on_valid" in thresholds else "not computed (no validation split)"),
         },
         "classification": classification_report(probs, labels, thresholds),
+        "score_branches": score_branches({k: np.concatenate(v) for k, v in branches.items()}, labels),
         "retrieval": M.pooled_recall_at_k(np.concatenate(rep_emb), np.concatenate(img_emb), pool_size, seed=seed),
         "localization": _summarise_loc(loc_rows, ds.snippet_stats, bool(gt)),
         "heatmaps": _summarise_points(point_rows, finding_rows),
@@ -510,6 +535,9 @@ def format_table(report: dict) -> str:
     cells = " ".join(f"{c['mean'][r]['f1']:>8.3f}/{c['mean'][r]['accuracy']:.3f}/{c['mean'][r]['precision']:.3f}"
                      .rjust(30) for r in rules)
     lines.append(f"{'MEAN':36s} {c['mean']['auroc']:>6.3f} {cells}")
+    if report.get("score_branches"):
+        lines.append("mean AUROC of each score alone: " + ", ".join(
+            f"{b['what']} {b['mean_auroc']:.3f}" for b in report["score_branches"].values()))
     r = report["retrieval"]
     lines.append(f"retrieval (pool {r['pool_size']} x {r['n_pools']}): "
                  + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith("R@")))

@@ -30,8 +30,23 @@ def model_from_checkpoint(path: str | Path):
     return model.eval(), ck
 
 
+def model_from_weights(path: str | Path):
+    """An exported weights directory as an export source: (model, {"model_config", "training_section"}), the
+    training section being the lines of its card.md that describe the training (kept verbatim; the checkpoint
+    that would describe it again is not at hand)."""
+    from ctvl.model import load_weights
+    from ctvl.model.weights import resolve_weights_dir
+
+    model = load_weights(path)
+    card = resolve_weights_dir(path) / "card.md"
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    start, end = text.find("## Training data"), text.find("## Metrics")
+    section = text[start:end].rstrip("\n").splitlines() if 0 <= start < end else [
+        "## Training data", f"- not recorded (re-exported from {path}, which has no card.md training section)"]
+    return model.eval(), {"model_config": model.config.to_dict(), "training_section": section}
+
+
 def model_card(ck: dict, eval_report: dict | None, calibration: dict | None = None) -> str:
-    cfg = config_from_dict(ck["config"])
     mc = ck["model_config"]
     lines = [
         f"# {mc.get('name', 'ctvl')} {mc.get('version', '')}".rstrip(),
@@ -46,8 +61,9 @@ def model_card(ck: dict, eval_report: dict | None, calibration: dict | None = No
            else ""),
         "- depth-bin text scores: " + ("mean of the bin embedding's and its tokens' (grounded) scores"
                                        if mc.get("token_localization") else "bin embedding")
-        + (f"; plus {calibration['locate_label_weight']:g} x the heatmap peaks of the labels a text names, the weight "
-           f"fitted on split '{calibration.get('split')}' ({calibration.get('rule')})"
+        + (f"; plus {calibration['locate_label_weight']:g} x the heatmap peaks of the labels a text names"
+           + (" (on the patient side it names)" if mc.get("locate_laterality") else "")
+           + f", the weight fitted on split '{calibration.get('split')}' ({calibration.get('rule')})"
            if calibration and calibration.get("locate_label_weight") else ""),
         "- input channels: the windowed image" + "".join(f", re-windowed to {[float(v) for v in w]} HU"
                                                          for w in mc.get("input_windows_hu") or ())
@@ -57,22 +73,9 @@ def model_card(ck: dict, eval_report: dict | None, calibration: dict | None = No
         "- label heatmaps: " + (f"shift-and-stitch, {list(mc['heatmap_subdivision'])} cells per token (d, h, w)"
                                 if tuple(mc.get("heatmap_subdivision") or (1, 1, 1)) != (1, 1, 1) else "token grid"),
         "",
-        "## Training data",
-        f"- {cfg.data.root} split '{cfg.data.train_split}' (CT-RATE layout)"
-        + (f", phantom corpus generated with ctvl.phantom ({cfg.data.generate.splits})"
-           if cfg.data.generate.enabled else ""),
-        f"- config '{cfg.name}': {ck['step']} steps, batch {cfg.train.batch_size} x {ck.get('world_size', 1)} "
-        f"process(es) x accumulation {cfg.train.grad_accum}, lr {cfg.optim.lr}, autocast {cfg.train.amp} on GPU"
-        + (f", steps in {ck['autocast']}" if "autocast" in ck
-           else ", bf16 on CPU" if cfg.train.cpu_amp is True else " (CPU: fp32)"),
-        "- objectives: " + ", ".join(
-            f"{k}{' (report-guided)' if k == 'mil' and cfg.loss.mil.guided else ''} "
-            f"(weight {getattr(cfg.loss, k).weight})"
-            for k in ("siglip", "disease", "mil", "localization", "token_localization")
-            if getattr(cfg.loss, k).enabled),
-        "",
-        "## Metrics",
     ]
+    lines += ck["training_section"] if "training_section" in ck else _training_lines(ck)
+    lines += ["", "## Metrics"]
     if eval_report:
         c = eval_report["classification"]["mean"]
         lines.append(f"- evaluated on {eval_report.get('data')} split '{eval_report.get('split')}' "
@@ -102,12 +105,32 @@ def model_card(ck: dict, eval_report: dict | None, calibration: dict | None = No
     return "\n".join(lines)
 
 
+def _training_lines(ck: dict) -> list[str]:
+    """The card's training section, from a training checkpoint."""
+    cfg = config_from_dict(ck["config"])
+    return [
+        "## Training data",
+        f"- {cfg.data.root} split '{cfg.data.train_split}' (CT-RATE layout)"
+        + (f", phantom corpus generated with ctvl.phantom ({cfg.data.generate.splits})"
+           if cfg.data.generate.enabled else ""),
+        f"- config '{cfg.name}': {ck['step']} steps, batch {cfg.train.batch_size} x {ck.get('world_size', 1)} "
+        f"process(es) x accumulation {cfg.train.grad_accum}, lr {cfg.optim.lr}, autocast {cfg.train.amp} on GPU"
+        + (f", steps in {ck['autocast']}" if "autocast" in ck
+           else ", bf16 on CPU" if cfg.train.cpu_amp is True else " (CPU: fp32)"),
+        "- objectives: " + ", ".join(
+            f"{k}{' (report-guided)' if k == 'mil' and cfg.loss.mil.guided else ''} "
+            f"(weight {getattr(cfg.loss, k).weight})"
+            for k in ("siglip", "disease", "mil", "localization", "token_localization")
+            if getattr(cfg.loss, k).enabled),
+    ]
+
+
 def apply_calibration(model, calibration: dict) -> None:
     """Set the config values of a `training calibrate` fit (validated) on ``model``."""
     from ctvl.errors import CTVLWeightsError
 
     values = dict(calibration.get("config") or {})
-    unknown = sorted(set(values) - {"locate_label_weight"})
+    unknown = sorted(set(values) - {"locate_label_weight", "locate_laterality"})
     if unknown:
         raise CTVLWeightsError("calibration", f"sets unknown config values {unknown}",
                                "use the JSON that `python -m training calibrate --out` wrote")
@@ -117,7 +140,7 @@ def apply_calibration(model, calibration: dict) -> None:
 
 
 # model config values that change only how the trained weights are read out, never the weights
-INFERENCE_SETTINGS = ("heatmap_subdivision", "locate_peak_radius")
+INFERENCE_SETTINGS = ("heatmap_subdivision", "locate_peak_radius", "locate_laterality")
 
 
 def apply_settings(model, items: list[str] | None) -> None:
@@ -145,13 +168,20 @@ def apply_settings(model, items: list[str] | None) -> None:
     model.config = cfg
 
 
+def is_weights_dir(path: str | Path) -> bool:
+    """True for an exported weights directory (config.json beside model.safetensors), not a run directory."""
+    return (Path(path) / "config.json").is_file() and (Path(path) / "model.safetensors").is_file()
+
+
 def export(checkpoint: str | Path, out: str | Path, eval_report: str | Path | None = None,
            calibration: str | Path | None = None, settings: list[str] | None = None) -> Path:
     """Write the weights directory (with a `training calibrate` fit and ``name=value`` inference settings
-    applied); returns its path."""
+    applied); returns its path. ``checkpoint``: a training checkpoint, or an exported weights directory
+    (`model_from_weights`: new settings, calibration and metrics for weights whose checkpoint is not at hand;
+    ``out`` may be that directory itself)."""
     from ctvl.model import save_weights
 
-    model, ck = model_from_checkpoint(checkpoint)
+    model, ck = (model_from_weights if is_weights_dir(checkpoint) else model_from_checkpoint)(checkpoint)
     report = json.loads(Path(eval_report).read_text()) if eval_report else None
     calib = json.loads(Path(calibration).read_text()) if calibration else None
     if calib:

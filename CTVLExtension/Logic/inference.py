@@ -226,7 +226,8 @@ class VolumeEncoding:
         self._lock = state["lock"]
         self.text_cache: TextCache = state["text_cache"]
         self._slice_z = self.volume.slice_positions_mm()
-        self._label_depth: dict[str, torch.Tensor] = {}  # label -> [d] heatmap peak per depth bin (locate)
+        # (label, side or None) -> [d] heatmap peak per depth bin (locate)
+        self._label_depth: dict[tuple[str, str | None], torch.Tensor] = {}
         self._stitched: torch.Tensor | None = None  # [L, d*n_d, h*n_h, w*n_w] label heatmaps (heatmap_subdivision)
 
     # ------------------------------------------------------------------ text
@@ -443,12 +444,33 @@ class VolumeEncoding:
 
             named = [lbl for lbl in snippet_labels(text) if lbl in self.labels()]
             if named:
-                for lbl in named:  # per label once per scan: a repeated or new query naming it costs no heatmap
-                    if lbl not in self._label_depth:
-                        self._label_depth[lbl] = label_depth_evidence(self.token_scores(lbl)[None])
-                peaks = torch.stack([self._label_depth[lbl] for lbl in named]).amax(dim=0)
+                side = self._side_of(text)
+                for lbl in named:  # per label and side once per scan: a repeated or new query costs no heatmap
+                    if (lbl, side) not in self._label_depth:
+                        cols = self._side_columns(side)
+                        self._label_depth[lbl, side] = label_depth_evidence(self.token_scores(lbl)[None], cols)
+                peaks = torch.stack([self._label_depth[lbl, side] for lbl in named]).amax(dim=0)
                 logits = logits + weight * peaks.to(logits.device)
         return logits.cpu().numpy()
+
+    def _side_of(self, text: str) -> str | None:
+        """The patient side a text names when the model reads it (config.locate_laterality) and the input is kept."""
+        if not _cfg(self.model, "locate_laterality", default=False) or self.model_input is None:
+            return None
+        from ctvl.prompts import snippet_side
+
+        return snippet_side(text)
+
+    def _side_columns(self, side: str | None) -> torch.Tensor | None:
+        """[w] bool token columns on `side` of this scan's body midline (`ctvl.model.laterality`)."""
+        if side is None:
+            return None
+        from ctvl.model.laterality import side_columns
+
+        _, _, window = model_input_spec(self.model)
+        pw = int(self.model.config.downsample()[2])
+        image = torch.from_numpy(np.asarray(self.model_input, dtype=np.float32))
+        return side_columns(image, side, pw, window)
 
     def slice_scores(self, text: str, bin_scores: np.ndarray | None = None) -> np.ndarray:
         """One score per input slice (bin scores interpolated by the slices' RAS S position)."""

@@ -65,6 +65,20 @@ def snippet_labels(text: str) -> tuple[str, ...]:
     return tuple(lab for lab in LABELS if lab in found)
 
 
+_SIDES = {"right": re.compile(r"\bright\b"), "left": re.compile(r"\bleft\b")}
+_BOTH_SIDES = re.compile(r"\bbilateral(ly)?\b|\bboth\b|\beach\b")
+
+
+def snippet_side(text: str) -> str | None:
+    """The patient side a finding sentence names: 'right' or 'left'; None when it names neither, both, or
+    'bilateral'. 'Nodule in the right upper lobe' -> 'right'."""
+    low = text.lower()
+    if _BOTH_SIDES.search(low):
+        return None
+    named = [side for side, pat in _SIDES.items() if pat.search(low)]
+    return named[0] if len(named) == 1 else None
+
+
 def label_slug(label: str) -> str:
     """File-name-safe form of a label: 'Lung nodule' -> 'lung_nodule'."""
     return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_").replace("__", "_")

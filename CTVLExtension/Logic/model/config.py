@@ -118,6 +118,9 @@ class ModelConfig:
     # depth bin by its labels' heatmap peak there, times this weight (0 = off); a product of experts with the text's
     # own depth scores, fitted on a validation split after training (`python -m training calibrate`)
     locate_label_weight: float = 0.0
+    # ... and a text that names one patient side ("right upper lobe") takes those peaks on that side of the body's
+    # midline only (ctvl.model.laterality; the model grid's w axis runs toward the patient's left)
+    locate_laterality: bool = False
     # a located slice is the softmax-weighted mean of the depth bins within this many bins of the best one, not the
     # best bin's centre (bins are 6.4 mm in the demo, slices ~2.5 mm); 2 = the training target's sigma; 0 = off
     locate_peak_radius: int = 2

@@ -102,9 +102,12 @@ def readout_start(config: ModelConfig) -> Tensor:
     return torch.tensor(rows)[:, None].repeat(1, len(config.input_blob_scales_mm))
 
 
-def label_depth_evidence(heat: Tensor) -> Tensor:
+def label_depth_evidence(heat: Tensor, columns: Tensor | None = None) -> Tensor:
     """Label heatmap logits [..., L, d, h, w] -> [..., d]: per depth bin, the strongest token of the strongest
-    label (the depth profile of where a text's named findings are)."""
+    label (the depth profile of where a text's named findings are); `columns` [w] bool: among those columns only
+    (the side a text names, `ctvl.model.laterality`)."""
+    if columns is not None:
+        heat = heat[..., columns]
     return heat.amax(dim=(-2, -1)).amax(dim=-2)
 
 
@@ -648,26 +651,29 @@ class CTVLModel(nn.Module):
 
     def pair_bin_logits(self, image: ImageEmbeddings, text_emb: Tensor, owner: Tensor,
                         text_labels: list[tuple[str, ...]] | None = None,
-                        prompts: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                        prompts: tuple[Tensor, Tensor] | None = None,
+                        columns: list[Tensor | None] | None = None) -> Tensor:
         """[T,d] `bin_logits` of each text [T,E] against its own volume of `image` (owner [T] = its row); with
-        `text_labels` (per text, the CT-RATE labels it names) also `label_bin_logits` (prompts: its pos/neg)."""
+        `text_labels` (per text, the CT-RATE labels it names) also `label_bin_logits` (prompts: its pos/neg;
+        columns: `side_columns`)."""
         q = F.normalize(text_emb, dim=-1)
         logits = torch.einsum("tde,te->td", F.normalize(image.bins[owner], dim=-1), q) / self.config.bin_temperature
         if self.config.token_localization:
             logits = 0.5 * (logits + self.token_bin_logits(image.tokens, q, owner))
         if text_labels is not None:
-            extra = self.label_bin_logits(image, text_labels, owner, *(prompts or (None, None)))
+            extra = self.label_bin_logits(image, text_labels, owner, *(prompts or (None, None)), columns=columns)
             if extra is not None:
                 logits = logits + extra.to(logits.dtype)
         return logits
 
     def label_bin_logits(self, image: ImageEmbeddings, text_labels: list[tuple[str, ...]], owner: Tensor,
                          pos_emb: Tensor | None = None, neg_emb: Tensor | None = None,
-                         weight: float | None = None) -> Tensor | None:
+                         weight: float | None = None, columns: list[Tensor | None] | None = None) -> Tensor | None:
         """[T,d] w * `label_depth_evidence` of each text's named labels in its own volume (owner [T]); 0 for a text
         that names none; None when w is 0 or no text names a label. w = `weight`, default
         config.locate_label_weight. pos/neg [L,E]: the prompt embeddings of all CT-RATE labels (computed when not
-        given)."""
+        given). columns: per text, the token columns [w] to take the peaks from (`side_columns`: the side the text
+        names) or None for all."""
         w = float(self.config.locate_label_weight if weight is None else weight)
         if w == 0.0 or not any(text_labels):
             return None
@@ -678,8 +684,20 @@ class CTVLModel(nn.Module):
         for t, names in enumerate(text_labels):
             rows = [LABELS.index(n) for n in names if n in LABELS]
             if rows:
-                out[t] = w * label_depth_evidence(heat[int(owner[t]), rows])
+                out[t] = w * label_depth_evidence(heat[int(owner[t]), rows], columns[t] if columns else None)
         return out
+
+    def side_columns(self, texts: list[str], images: Tensor, owner: Tensor) -> list[Tensor | None] | None:
+        """Per text, the token columns on the patient side it names (`ctvl.model.laterality.side_columns`) with
+        config.locate_laterality, else None. images: the model input [B,C,D,H,W]; owner [T]: each text's row."""
+        if not self.config.locate_laterality:
+            return None
+        from ctvl.model.laterality import side_columns
+        from ctvl.prompts import snippet_side
+
+        pw = int(self.config.downsample()[2])
+        return [side_columns(images[int(o), 0], snippet_side(t), pw, self.config.hu_window)
+                for t, o in zip(texts, owner)]
 
     def token_bin_logits(self, tokens: Tensor, text_emb: Tensor, owner: Tensor | None = None) -> Tensor:
         """Grounded bin scores `token_bin_similarity` / bin_temperature: [B,T,d], or [T,d] with `owner`."""
