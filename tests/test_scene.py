@@ -169,7 +169,7 @@ def test_heatmap_overlays_the_lesion_in_the_rendered_slice(views, geometry):
     ct, lesion = make_ct(geometry=geometry)
     ct_node = sc.node_from_volume(views.scene, ct, "ct")
     heat = sc.show_heatmap(views.scene, ct_node, lesion_heatmap(ct, lesion), "Lung nodule", opacity=0.8,
-                           threshold=0.3)
+                           threshold=0.99)  # its strongest 1% coloured
     np.testing.assert_allclose(sc.node_ijk_to_ras(heat), ct.ijk_to_ras, atol=1e-9)
     red = views.logics["Red"]
     comp = red.GetSliceCompositeNode()
@@ -207,10 +207,21 @@ def test_heatmap_display_opacity_and_threshold_update(views):
     ct, lesion = make_ct()
     ct_node = sc.node_from_volume(views.scene, ct, "ct")
     heat = sc.show_heatmap(views.scene, ct_node, lesion_heatmap(ct, lesion), "Lung nodule")
-    sc.set_heatmap_display(views.scene, heat, opacity=0.25, threshold=0.5)
-    lo, hi = heat.GetImageData().GetScalarRange()
-    assert heat.GetDisplayNode().GetLowerThreshold() == pytest.approx(lo + 0.5 * (hi - lo))
+    values = lesion_heatmap(ct, lesion).array
+    for q in (0.5, 0.9, sc.HEATMAP_THRESHOLD):  # the cut is the quantile of the voxels; the colours span cut..max
+        sc.set_heatmap_display(views.scene, heat, opacity=0.25, threshold=q)
+        display = heat.GetDisplayNode()
+        cut = float(np.quantile(values, q))
+        assert display.GetLowerThreshold() == pytest.approx(cut, rel=1e-5) and display.GetApplyThreshold()
+        assert display.GetWindowLevelMin() == pytest.approx(cut, rel=1e-5)
+        assert display.GetWindowLevelMax() == pytest.approx(float(values.max()))
+        shown = float((values >= display.GetLowerThreshold()).mean())
+        assert shown == pytest.approx(1 - q, abs=0.01)
     assert all(s[2] == pytest.approx(0.25) for s in views.views_state())
+    sc.set_heatmap_display(views.scene, heat, threshold=0.0)  # 0: every voxel coloured
+    assert not heat.GetDisplayNode().GetApplyThreshold()
+    flat = sc.show_heatmap(views.scene, ct_node, ct.with_array(np.ones(ct.array.shape, np.float32)), "flat")
+    assert flat.GetDisplayNode().GetWindowLevelMax() > flat.GetDisplayNode().GetWindowLevelMin()  # no zero window
     with pytest.raises(CTVLInputError, match="grid"):
         sc.show_heatmap(views.scene, ct_node, Volume(np.zeros((3, 3, 3), np.float32)), "Lung nodule")
 

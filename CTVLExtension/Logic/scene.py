@@ -215,25 +215,41 @@ def heatmap_color_id(scene: slicer.vtkMRMLScene) -> str | None:
     return None
 
 
+HEATMAP_THRESHOLD = 0.95  # default share of a heatmap's voxels left transparent: its top 5% are coloured
+_QUANTILE_SAMPLES = 1_000_000  # voxels read for the threshold quantile (a 512x512x300 heatmap has 79 million)
+
+
+def heatmap_cutoff(heatmap_node: slicer.vtkMRMLScalarVolumeNode, threshold: float) -> tuple[float, float]:
+    """(value at the ``threshold`` quantile of the heatmap's voxels, maximum); a regular subsample of at most
+    `_QUANTILE_SAMPLES` voxels gives the quantile. Quantile, not a fraction of the range: a heatmap's minimum lies
+    far outside the body, and a cut at a fraction of the range coloured most of the scan."""
+    values = slicer.util.arrayFromVolume(heatmap_node).reshape(-1)
+    hi = float(values.max())
+    step = max(1, values.size // _QUANTILE_SAMPLES)
+    cut = float(np.quantile(values[::step], float(np.clip(threshold, 0.0, 1.0))))
+    return min(cut, hi), hi
+
+
 def set_heatmap_display(scene: slicer.vtkMRMLScene, heatmap_node: slicer.vtkMRMLScalarVolumeNode,
-                        opacity: float = 0.5, threshold: float = 0.3) -> None:
-    """Colour map, window = data range, voxels below ``threshold`` (fraction of the range) transparent,
-    and foreground ``opacity`` in every slice view that shows this heatmap."""
+                        opacity: float = 0.5, threshold: float = HEATMAP_THRESHOLD) -> None:
+    """Colour map over [cut, max] with the voxels below the cut transparent, the cut being the ``threshold``
+    quantile of the heatmap's values (0.95: its top 5% coloured; 0: all), and foreground ``opacity`` in every slice
+    view that shows this heatmap."""
     display = heatmap_node.GetDisplayNode()
     if display is None:
         heatmap_node.CreateDefaultDisplayNodes()
         display = heatmap_node.GetDisplayNode()
-    lo, hi = heatmap_node.GetImageData().GetScalarRange()
-    hi = hi if hi > lo else lo + 1e-6
+    cut, hi = heatmap_cutoff(heatmap_node, threshold)
+    top = hi if hi > cut else cut + 1e-6
     with slicer.util.NodeModify(display):
         color_id = heatmap_color_id(scene)
         if color_id:
             display.SetAndObserveColorNodeID(color_id)
         display.SetAutoWindowLevel(False)
-        display.SetWindowLevelMinMax(lo, hi)
+        display.SetWindowLevelMinMax(cut, top)
         display.SetAutoThreshold(False)
-        display.SetLowerThreshold(lo + float(np.clip(threshold, 0.0, 1.0)) * (hi - lo))
-        display.SetUpperThreshold(hi + 1.0)
+        display.SetLowerThreshold(cut)
+        display.SetUpperThreshold(top + 1.0)
         display.SetApplyThreshold(threshold > 0)
         display.SetInterpolate(True)
     for composite in _composite_nodes(scene):
@@ -242,7 +258,7 @@ def set_heatmap_display(scene: slicer.vtkMRMLScene, heatmap_node: slicer.vtkMRML
 
 
 def show_heatmap(scene: slicer.vtkMRMLScene, ct_node: slicer.vtkMRMLScalarVolumeNode, heatmap_volume: Volume,
-                 label: str, opacity: float = 0.5, threshold: float = 0.3,
+                 label: str, opacity: float = 0.5, threshold: float = HEATMAP_THRESHOLD,
                  reuse: bool = True) -> slicer.vtkMRMLScalarVolumeNode:
     """Write (or update) the heatmap node of ``label`` and show it as the foreground over ``ct_node``."""
     if heatmap_volume.array.shape[:3] != tuple(reversed(ct_node.GetImageData().GetDimensions())):
@@ -403,7 +419,7 @@ def _restore_composite_state(state: list[tuple[slicer.vtkMRMLNode, str, str, flo
 
 
 def apply_results(scene: slicer.vtkMRMLScene, source_node: slicer.vtkMRMLScalarVolumeNode, results: AnalysisResults,
-                  opacity: float = 0.5, threshold: float = 0.3) -> dict[str, slicer.vtkMRMLNode]:
+                  opacity: float = 0.5, threshold: float = HEATMAP_THRESHOLD) -> dict[str, slicer.vtkMRMLNode]:
     """Write all results of one run as new nodes, then drop the previous run's nodes of the same roles.
 
     Transactional: if anything fails, the nodes added so far are removed and the views restored, so the scene
@@ -458,7 +474,7 @@ def _show_node(scene: slicer.vtkMRMLScene, ct_node: slicer.vtkMRMLNode, heatmap_
 
 
 def show_existing_heatmap(scene: slicer.vtkMRMLScene, ct_node: slicer.vtkMRMLNode, label: str,
-                          opacity: float = 0.5, threshold: float = 0.3) -> slicer.vtkMRMLNode | None:
+                          opacity: float = 0.5, threshold: float = HEATMAP_THRESHOLD) -> slicer.vtkMRMLNode | None:
     """Show the stored heatmap node of ``label`` (e.g. after a scene reload); None if there is none."""
     nodes = find_result_nodes(scene, ct_node, [ROLE_HEATMAP], label)
     if not nodes:
@@ -578,7 +594,7 @@ def current_slice_index(scene: slicer.vtkMRMLScene, ct_node: slicer.vtkMRMLVolum
 
 
 def show_snippet_heatmap(scene: slicer.vtkMRMLScene, ct_node: slicer.vtkMRMLScalarVolumeNode, encoding,
-                         snippet: str, opacity: float = 0.5, threshold: float = 0.3
+                         snippet: str, opacity: float = 0.5, threshold: float = HEATMAP_THRESHOLD
                          ) -> slicer.vtkMRMLScalarVolumeNode:
     """Overlay the heatmap of ``snippet`` (from a `ctvl.inference.VolumeEncoding` of this CT) on the views."""
     heatmap = encoding.heatmap(snippet, grid="input")
