@@ -361,6 +361,28 @@ def test_locate_takes_the_named_labels_peaks_on_the_side_the_text_names_like_the
     np.testing.assert_allclose(b.bin_scores(no_side), a.bin_scores(no_side), rtol=1e-6)
 
 
+def test_repeated_query_reuses_its_bin_scores_and_the_cache_is_bounded(monkeypatch):
+    from ctvl import inference
+    from ctvl.model.config import tiny_config
+
+    torch.manual_seed(0)
+    model = model_mod.CTVLModel(tiny_config()).eval()
+    enc = encode(lesion_volume("lps"), model)
+    calls = []
+    real = model.bin_logits
+    monkeypatch.setattr(model, "bin_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = enc.bin_scores("A solid nodule in the right upper lobe.")
+    first[:] = 0.0  # the caller's copy: the cache keeps its own
+    again = enc.bin_scores("A solid nodule in the right upper lobe.")
+    assert len(calls) == 1 and np.abs(again).sum() > 0
+    assert [h.slice for h in enc.locate("A solid nodule in the right upper lobe.")] == [
+        h.slice for h in enc.locate("A solid nodule in the right upper lobe.")] and len(calls) == 1
+    monkeypatch.setattr(inference, "BIN_SCORE_CACHE", 3)
+    for n in range(5):
+        enc.bin_scores(f"nodule number {n}")
+    assert list(enc._bin_scores) == ["nodule number 2", "nodule number 3", "nodule number 4"]  # oldest dropped
+
+
 def test_locate_refines_a_peak_between_bins_and_leaves_runner_ups_on_its_flank():
     from ctvl.model.config import tiny_config
     from ctvl.tokengrid import refine_peak

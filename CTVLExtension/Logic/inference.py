@@ -47,6 +47,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+BIN_SCORE_CACHE = 256  # depth-bin scores kept per scan, one [d] row per text (locate: a repeated query is free)
+
 
 @dataclass(frozen=True)
 class SliceHit:
@@ -228,6 +230,7 @@ class VolumeEncoding:
         self._slice_z = self.volume.slice_positions_mm()
         # (label, side or None) -> [d] heatmap peak per depth bin (locate)
         self._label_depth: dict[tuple[str, str | None], torch.Tensor] = {}
+        self._bin_scores: dict[str, np.ndarray] = {}  # text -> [d] depth-bin scores (bin_scores)
         self._stitched: torch.Tensor | None = None  # [L, d*n_d, h*n_h, w*n_w] label heatmaps (heatmap_subdivision)
 
     # ------------------------------------------------------------------ text
@@ -432,7 +435,18 @@ class VolumeEncoding:
 
     def bin_scores(self, text: str) -> np.ndarray:
         """Depth-bin scores of a text: the model's bin logits (+ its label-grounded term for the CT-RATE labels the
-        text names, when the weights are calibrated for it: config.locate_label_weight)."""
+        text names, when the weights are calibrated for it: config.locate_label_weight). Kept per text for this
+        scan (the last `BIN_SCORE_CACHE` texts), so a repeated query costs no model call."""
+        cached = self._bin_scores.get(text)
+        if cached is not None:
+            return cached.copy()
+        scores = self._compute_bin_scores(text)
+        if len(self._bin_scores) >= BIN_SCORE_CACHE:
+            self._bin_scores.pop(next(iter(self._bin_scores)))  # the oldest
+        self._bin_scores[text] = scores
+        return scores.copy()
+
+    def _compute_bin_scores(self, text: str) -> np.ndarray:
         emb = self.text_embedding(text).to(self.bins.device)
         with self._lock, torch.no_grad():
             logits = self.model.bin_logits(self.bins[None], emb, self.tokens[None])  # tokens: grounded bin scores
