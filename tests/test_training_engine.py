@@ -192,6 +192,10 @@ def test_export_load_round_trip(data, tmp_path):
     section = before[before.index("## Training data"):before.index("## Metrics")]
     assert section in card and "2 steps" in section
     assert "0.4 x the heatmap peaks of the labels a text names (on the patient side it names)" in card
+    # without --calibration the card still names the weight the config carries (not where it was fitted)
+    plain = export(again, tmp_path / "plain", settings=["locate_peak_radius=1"])
+    line = next(x for x in (plain / "card.md").read_text().splitlines() if x.startswith("- depth-bin"))
+    assert line.endswith("; plus 0.4 x the heatmap peaks of the labels a text names (on the patient side it names)")
 
 
 def test_ddp_two_processes_gloo(data, tmp_path):

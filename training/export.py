@@ -61,10 +61,11 @@ def model_card(ck: dict, eval_report: dict | None, calibration: dict | None = No
            else ""),
         "- depth-bin text scores: " + ("mean of the bin embedding's and its tokens' (grounded) scores"
                                        if mc.get("token_localization") else "bin embedding")
-        + (f"; plus {calibration['locate_label_weight']:g} x the heatmap peaks of the labels a text names"
+        + (f"; plus {mc['locate_label_weight']:g} x the heatmap peaks of the labels a text names"
            + (" (on the patient side it names)" if mc.get("locate_laterality") else "")
-           + f", the weight fitted on split '{calibration.get('split')}' ({calibration.get('rule')})"
-           if calibration and calibration.get("locate_label_weight") else ""),
+           + (f", the weight fitted on split '{calibration.get('split')}' ({calibration.get('rule')})"
+              if calibration and calibration.get("locate_label_weight") else "")
+           if mc.get("locate_label_weight") else ""),
         "- input channels: the windowed image" + "".join(f", re-windowed to {[float(v) for v in w]} HU"
                                                          for w in mc.get("input_windows_hu") or ())
         + "".join(f", Hessian blobness at {float(sc)} mm" for sc in mc.get("input_blob_scales_mm") or ())
