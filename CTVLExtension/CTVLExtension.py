@@ -126,7 +126,7 @@ class CTVLExtensionParameterNode:
     weightsFolder: pathlib.Path = pathlib.Path()
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    heatmapThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.95
+    heatmapThreshold: Annotated[float, WithinRange(0.0, 1.0)] = scene.HEATMAP_THRESHOLD
     showIn3D: bool = False
     query: str = ""
 
@@ -592,8 +592,8 @@ class CTVLExtensionLogic(ScriptedLoadableModuleLogic):
                                   scene.node_ijk_to_ras(ctNode))
 
     def startAnalysis(self, ctNode, modelSpec: str, device: str = "auto", query: Optional[str] = None,
-                      opacity: float = 0.5, threshold: float = 0.95, onProgress=None, onFinished=None,
-                      onError=None, onCancelled=None) -> jobs.BackgroundJob:
+                      opacity: float = 0.5, threshold: float = scene.HEATMAP_THRESHOLD, onProgress=None,
+                      onFinished=None, onError=None, onCancelled=None) -> jobs.BackgroundJob:
         """Validate on the main thread (raises CTVLInputError / CTVLDependencyError at once), then encode and
         score in a worker thread; results are applied to the scene on the main thread when it finishes."""
         if self.isRunning():
@@ -632,7 +632,7 @@ class CTVLExtensionLogic(ScriptedLoadableModuleLogic):
             self._timer.stop()
 
     def analyze(self, ctNode, modelSpec: str = "demo", device: str = "auto", query: Optional[str] = None,
-                opacity: float = 0.5, threshold: float = 0.95) -> workflow.AnalysisResults:
+                opacity: float = 0.5, threshold: float = scene.HEATMAP_THRESHOLD) -> workflow.AnalysisResults:
         """Synchronous analysis (batch mode, tests): same steps as the background job."""
         volume = scene.volume_from_node(ctNode)
         key = self.encodingKey(ctNode, modelSpec, device)
@@ -847,7 +847,7 @@ class CTVLExtensionTest(ScriptedLoadableModuleTest):
                          .GetForegroundVolumeID(), heatmaps[0].GetID())
 
         self.delayDisplay("Row click: heatmap of another finding")
-        logic.showFinding(ctNode, rows[1][0], 0.5, 0.95)
+        logic.showFinding(ctNode, rows[1][0], 0.5, scene.HEATMAP_THRESHOLD)
         self.assertEqual(len(scene.find_result_nodes(slicer.mrmlScene, ctNode, [scene.ROLE_HEATMAP])), 2)
 
         self.delayDisplay("Find in scan")

@@ -173,6 +173,14 @@ def test_ui_file_and_widget_agree():
     missing = used - set(widgets)
     assert not missing, f"widgets used by CTVLExtensionWidget but absent from the .ui: {sorted(missing)}"
     assert widgets.get("verifySnippetsCollapsibleButton") == "ctkCollapsibleButton"
+    # the threshold slider starts where the scene's heatmap display does (the parameter default names it too)
+    from ctvl.scene import HEATMAP_THRESHOLD
+
+    slider = next(w for w in root.iter("widget") if w.get("name") == bound["heatmapThreshold"])
+    values = {prop.get("name"): prop.findtext("double") for prop in slider.findall("property")}
+    assert float(values["value"]) == HEATMAP_THRESHOLD and float(values["maximum"]) == 1.0
+    assert "heatmapThreshold: Annotated[float, WithinRange(0.0, 1.0)] = scene.HEATMAP_THRESHOLD" in \
+        MODULE.read_text(encoding="utf-8")
     assert widgets.get("verifySnippetsContainer") == "QWidget"
     for cls in {c for c in widgets.values()} - {"QLabel", "QPushButton", "QComboBox", "QLineEdit", "QWidget",
                                                 "QCheckBox", "QProgressBar", "QTableWidget", "QListWidget"}:

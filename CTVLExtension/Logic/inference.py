@@ -231,6 +231,7 @@ class VolumeEncoding:
         # (label, side or None) -> [d] heatmap peak per depth bin (locate)
         self._label_depth: dict[tuple[str, str | None], torch.Tensor] = {}
         self._bin_scores: dict[str, np.ndarray] = {}  # text -> [d] depth-bin scores (bin_scores)
+        self._sides: dict[str, torch.Tensor] = {}  # 'right' / 'left' -> [w] token columns (locate_laterality)
         self._stitched: torch.Tensor | None = None  # [L, d*n_d, h*n_h, w*n_w] label heatmaps (heatmap_subdivision)
 
     # ------------------------------------------------------------------ text
@@ -479,12 +480,14 @@ class VolumeEncoding:
         """[w] bool token columns on `side` of this scan's body midline (`ctvl.model.laterality`)."""
         if side is None:
             return None
-        from ctvl.model.laterality import side_columns
+        if side not in self._sides:  # once per side and scan, for all the labels a text may name
+            from ctvl.model.laterality import side_columns
 
-        _, _, window = model_input_spec(self.model)
-        pw = int(self.model.config.downsample()[2])
-        image = torch.from_numpy(np.asarray(self.model_input, dtype=np.float32))
-        return side_columns(image, side, pw, window)
+            _, _, window = model_input_spec(self.model)
+            pw = int(self.model.config.downsample()[2])
+            image = torch.from_numpy(np.asarray(self.model_input, dtype=np.float32))
+            self._sides[side] = side_columns(image, side, pw, window)
+        return self._sides[side]
 
     def slice_scores(self, text: str, bin_scores: np.ndarray | None = None) -> np.ndarray:
         """One score per input slice (bin scores interpolated by the slices' RAS S position)."""
