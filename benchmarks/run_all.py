@@ -8,7 +8,7 @@ import sys
 
 SCRIPTS = ["benchmarks/phantom_speed.py", "benchmarks/miner_quality.py", "benchmarks/mining_agreement.py",
            "benchmarks/model_speed.py", "benchmarks/inference_speed.py"]
-MODULES = ["benchmarks.quality", "benchmarks.density_probe"]
+MODULES = ["benchmarks.quality", "benchmarks.density_probe", "benchmarks.feature_probe"]
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from training.config import load_config
-from training.engine import TrainStep, amp_dtype, build_model, build_optimizer
+from training.engine import TrainStep, amp_dtype, build_model, build_optimizer, freeze_parameters
 
 FINDINGS = ["A solid nodule in the right upper lobe.", "Bilateral pleural effusion.", "Emphysema in both lungs.",
             "Coronary artery calcification.", "No pericardial effusion.", "Consolidation in the left lower lobe."]
@@ -47,6 +47,7 @@ def measure(config: str, overrides: list[str], device: str, batch: int, steps: i
     if dev.type == "cpu" and cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     model = build_model(cfg)
+    freeze_parameters(model, cfg.train.freeze)
     if checkpointing:
         model.config.grad_checkpointing = True
         model.vision.grad_checkpointing = True

@@ -190,6 +190,21 @@ def data_section(p: dict | None, mq: dict | None, ma: dict | None, dp: dict | No
     return out
 
 
+def probe_line(fp: dict) -> str:
+    """The feature probe's summary: the best probe's mean validation AUROC against the model's, and the labels where
+    the model is weakest, each with the model's figure and the best probe's."""
+    probes = {k[len("probe_"):-len("_valid")]: v for k, v in fp.items() if k.startswith("probe_") and
+              k.endswith("_valid")}
+    best = max(probes, key=lambda k: float(np.nanmean(probes[k])))
+    model = np.asarray(fp["model_valid"], dtype=float)
+    weakest = [int(k) for k in np.argsort(np.nan_to_num(model, nan=np.inf))[:5]]
+    cells = ", ".join(f"{fp['labels'][k].lower()} {_f(model[k], 2)} / {_f(max(p[k] for p in probes.values()), 2)}"
+                      for k in weakest)
+    return (f"- What the encoder has learned (`python -m benchmarks.feature_probe`): linear probes on its frozen "
+            f"features reach a mean validation AUROC of at most {_f(float(np.nanmean(probes[best])))} ({best}), "
+            f"against the model's {_f(float(np.nanmean(model)))}; its weakest labels, model / best probe: {cells}.")
+
+
 def render() -> str:
     parts: list[str] = []
     q, a, s = _load("quality"), _load("ablation"), _load("inference_speed")
@@ -204,6 +219,9 @@ def render() -> str:
         parts += ["### Training on a GPU", ""] + gpu_section(g) + [""]
     parts += ["### Data and mining", ""] + data_section(_load("phantom_speed"), _load("miner_quality"),
                                                         _load("mining_agreement"), _load("density_probe"))
+    fp = _load("feature_probe")
+    if fp:
+        parts.append(probe_line(fp))
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -245,3 +245,35 @@ def test_label_biases_start_at_the_prior_log_odds():
     assert torch.isfinite(model.disease_bias).all()
     assert abs(float(model.disease_bias.detach()[0]) - float(np.log(0.25 / 0.75))) < 1e-6
     torch.testing.assert_close(model.mil_bias, model.disease_bias)
+
+
+def test_fine_tune_from_weights_with_frozen_encoder(data, tmp_path):
+    """`init_weights` + `train.freeze`: the named tensors stay bit-identical, the rest trains, and the trained
+    label biases are kept (not reset to the training set's priors); a prefix that names nothing is refused."""
+    from ctvl.model import load_weights
+
+    from training.engine import latest_checkpoint, train
+    from training.export import export
+
+    train(tiny_config(data, **{"train.max_steps": 2}), tmp_path / "base", progress=False)
+    weights = export(latest_checkpoint(tmp_path / "base"), tmp_path / "weights")
+    start = load_weights(weights).state_dict()
+    frozen = ["vision.", "disease_bias"]
+    cfg = tiny_config(data, **{"train.max_steps": 3, "init_weights": str(weights),
+                               "train.freeze": "[" + ", ".join(frozen) + "]", "data.augment.enabled": "false"})
+    train(cfg, tmp_path / "tuned", progress=False)
+    tuned = final_state(tmp_path / "tuned")
+    fixed = [k for k in tuned if any(k.startswith(p) for p in frozen)]
+    assert fixed and all(torch.equal(tuned[k], start[k]) for k in fixed)
+    assert not torch.equal(tuned["token_head.1.weight"], start["token_head.1.weight"])
+    card = (export(latest_checkpoint(tmp_path / "tuned"), tmp_path / "tuned-weights") / "card.md").read_text()
+    assert f"started from the weights {weights}, with vision., disease_bias frozen" in card
+    # without freezing, the biases start from the weights' trained values, not the priors
+    cfg = tiny_config(data, **{"train.max_steps": 1, "init_weights": str(weights), "optim.lr": 0.0})
+    train(cfg, tmp_path / "zero-lr", progress=False)
+    assert torch.equal(final_state(tmp_path / "zero-lr")["disease_bias"], start["disease_bias"])
+    with pytest.raises(CTVLInputError, match="no parameter starts with"):
+        train(tiny_config(data, **{"train.max_steps": 1, "train.freeze": "[visoin.]"}), tmp_path / "typo",
+              progress=False)
+    with pytest.raises(CTVLInputError, match="list of parameter-name prefixes"):
+        tiny_config(data, **{"train.freeze": "vision."})

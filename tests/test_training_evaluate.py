@@ -43,6 +43,9 @@ def test_model_report(setup):
     assert h["n_volume_labels"] <= h["n_findings"] and set(h["per_label"]) <= set(LABELS)
     assert sum(r["n"] for r in h["per_label"].values()) == h["n_volume_labels"]
     assert h["pointing_game"] <= h["pointing_game_within_tolerance"] <= 1 and h["median_peak_distance_mm"] >= 0
+    for r in h["per_label"].values():  # each miss is counted, and has a 3-vector direction
+        assert r["misses"] == round(r["n"] * (1 - r["pointing_game"]))
+        assert len(r.get("miss_offset_ras_mm", [0, 0, 0])) == 3
     loc = rep["localization"]
     assert sum(r["n"] for r in loc["per_label"].values()) == loc["n_pairs"]
     # without the MIL score the shipped probability is the pooled zero-shot score itself
@@ -50,6 +53,7 @@ def test_model_report(setup):
     assert rep["score_branches"]["pooled"]["mean_auroc"] == pytest.approx(c["mean"]["auroc"])
     table = format_table(rep)
     assert "MEAN" in table and "retrieval" in table and "pooled embedding alone" in table
+    assert all(f"  {name}" in table for name in h["per_label"]) and "misses" in table
     json.dumps(rep)  # serialisable
 
 
@@ -93,6 +97,7 @@ def test_pointing_counts_a_hit_on_any_instance_of_the_label_and_per_finding():
     heat[1, 1, 1] = 1.0
     row, hits = pointing(heat, mask, [5, 7])
     assert row["hit"] and hits == [False, True] and row["peak_distance_mm"] == 0.0
+    assert row["peak_offset_vox"] == [0, 0, 0]
     assert row["mask_fraction"] == (mask > 0).mean()
     pos = np.maximum(heat - heat.mean(), 0)
     assert row["mass_in_mask"] == pytest.approx(pos[mask > 0].sum() / pos.sum())
@@ -100,8 +105,27 @@ def test_pointing_counts_a_hit_on_any_instance_of_the_label_and_per_finding():
     assert not row["hit"] and hits == [False]
     # nearest voxel of A to the peak (2, 4, 4) is (1, 2, 2): (1, 2, 2) voxels at (2.5, 1.5, 1.5) mm
     assert row["peak_distance_mm"] == pytest.approx(np.sqrt(2.5**2 + 2 * 3.0**2))
+    assert row["peak_offset_vox"] == [1, 2, 2]  # from that voxel to the peak, in array axes
     row, hits = pointing(heat, mask, [9])  # label absent from the mask
     assert row is None and hits == []
+
+
+def test_miss_offsets_are_in_patient_coordinates_and_summarised_per_label():
+    from training.evaluate import _summarise_points, offset_ras_mm
+
+    # stored LPS (i -> -R, j -> -A) at 0.8 x 0.8 x 2 mm: one step up the array's first axis (k) is 2 mm superior
+    lps = np.diag([-0.8, -0.8, 2.0, 1.0])
+    assert offset_ras_mm([1, 0, 0], lps) == [0.0, 0.0, 2.0]
+    assert offset_ras_mm([0, 2, -1], lps) == [0.8, -1.6, 0.0]
+    rows = [{"label": "Atelectasis", "hit": False, "peak_distance_mm": d, "mass_in_mask": 0.0, "mask_fraction": 0.1,
+             "peak_offset_ras_mm": [0.0, 0.5 * d, -d]} for d in (4.0, 6.0, 20.0)]
+    rows.append({"label": "Atelectasis", "hit": True, "peak_distance_mm": 0.0, "mass_in_mask": 0.5,
+                 "mask_fraction": 0.1, "peak_offset_ras_mm": [0.0, 0.0, 0.0]})
+    rows.append({"label": "Lung nodule", "hit": True, "peak_distance_mm": 0.0, "mass_in_mask": 0.5,
+                 "mask_fraction": 0.1, "peak_offset_ras_mm": [0.0, 0.0, 0.0]})
+    per = _summarise_points(rows, [])["per_label"]
+    assert per["Atelectasis"]["misses"] == 3 and per["Atelectasis"]["miss_offset_ras_mm"] == [0.0, 3.0, -6.0]
+    assert per["Lung nodule"] == {"n": 1, "pointing_game": 1.0, "median_peak_distance_mm": 0.0, "misses": 0}
 
 
 def test_baselines(setup):

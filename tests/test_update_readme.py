@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.update_readme import quality_section
+from benchmarks.update_readme import probe_line, quality_section
 
 
 def _quality() -> dict:
@@ -37,3 +37,15 @@ def test_branch_rows_show_the_model_alone_and_a_missing_branch_as_a_dash():
     assert next(x for x in lines if x.startswith("| … of the token-level")).split(" | ")[1] == "–"
     nodule = next(x for x in lines if x.startswith("| Lung nodule |"))
     assert nodule.split(" | ")[1:4] == ["0.750", "0.610", "–"]
+
+
+def test_probe_line_names_the_best_probe_and_the_models_weakest_labels():
+    nan = float("nan")
+    fp = {"labels": ["A", "B", "C", "D", "E", "F", "G"],
+          "model_valid": [0.9, 0.5, 0.95, 0.6, nan, 0.99, 0.7], "model_train": [1.0] * 7,
+          "probe_x_valid": [0.8, 0.6, 0.9, 0.5, nan, 0.9, 0.6], "probe_x_train": [1.0] * 7,
+          "probe_y_valid": [0.7, 0.55, 0.7, 0.65, nan, 0.8, 0.5], "probe_y_train": [1.0] * 7}
+    line = probe_line(fp)
+    assert "at most 0.717 (x)" in line and "against the model's 0.773" in line
+    # the five weakest by the model's AUROC, a label without one last; each with the best probe on that label
+    assert line.endswith("b 0.50 / 0.60, d 0.60 / 0.65, g 0.70 / 0.60, a 0.90 / 0.80, c 0.95 / 0.90.")

@@ -116,6 +116,9 @@ class TrainConfig:
     # where the CPU flags list avx512_bf16 or amx_bf16, fp32 elsewhere (and where the flags cannot be read)
     cpu_amp: Union[bool, str] = False
     grad_checkpointing: bool = False
+    # parameter-name prefixes kept fixed (e.g. [vision., cnn_branch., dense.] to tune the heads of an encoder from
+    # init_weights); each must name at least one parameter. The text backbone is frozen by model.text_trainable_layers
+    freeze: list = field(default_factory=list)
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -127,6 +130,9 @@ class TrainConfig:
             raise CTVLInputError("train.amp", f"unknown value {self.amp!r}", "Use none, bf16 or fp16")
         if self.cpu_amp not in (True, False, "auto"):
             raise CTVLInputError("train.cpu_amp", f"unknown value {self.cpu_amp!r}", "Use true, false or auto")
+        if not isinstance(self.freeze, list) or not all(isinstance(p, str) and p for p in self.freeze):
+            raise CTVLInputError("train.freeze", f"expected a list of parameter-name prefixes, got {self.freeze!r}",
+                                 "Example: freeze: [vision., cnn_branch.]")
         if self.cpu_amp and self.amp != "bf16":
             raise CTVLInputError("train.cpu_amp", f"needs train.amp: bf16, got {self.amp!r}",
                                  "CPU autocast is bf16 only")

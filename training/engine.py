@@ -63,6 +63,28 @@ def build_model(cfg: Config):
     return CTVLModel(model_config(cfg.model))
 
 
+def freeze_parameters(model, prefixes: list[str]) -> int:
+    """Fix the parameters whose names start with any of ``prefixes`` (``train.freeze``); returns how many tensors.
+
+    A prefix that names no parameter is refused, so a typo cannot silently train everything."""
+    if not prefixes:
+        return 0
+    names = [n for n, _ in model.named_parameters()]
+    unknown = [p for p in prefixes if not any(n.startswith(p) for n in names)]
+    if unknown:
+        from ctvl.errors import CTVLInputError
+
+        tops = sorted({n.split(".")[0] + ("." if "." in n else "") for n in names})
+        raise CTVLInputError("train.freeze", f"no parameter starts with {unknown}",
+                             f"Parameter names start with {tops}")
+    count = 0
+    for name, param in model.named_parameters():
+        if any(name.startswith(p) for p in prefixes):
+            param.requires_grad_(False)
+            count += 1
+    return count
+
+
 def model_config(section: dict):
     """``ModelConfig`` from a config's ``model:`` section; ``preset: tiny-hybrid`` starts from a preset."""
     from ctvl.model import PRESETS, ModelConfig
@@ -367,6 +389,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed)  # same initial weights on every rank
     model = build_model(cfg)
+    frozen = freeze_parameters(model, tc.freeze)
+    if main and frozen:
+        kept = sum(p.numel() for n, p in model.named_parameters() if n.startswith(tuple(tc.freeze)))
+        log.info("train.freeze: %d tensors (%d parameters) fixed: %s", frozen, kept, tc.freeze)
     if tc.grad_checkpointing:  # activation checkpointing of the transformer blocks
         model.config.grad_checkpointing = True
         if hasattr(model, "vision"):
@@ -387,7 +413,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     _barrier(world)
     if not main:
         ds.prepare(workers=1, progress=False)
-    init_label_priors(model, ds)  # before DDP wraps the model and before any resume overwrites it
+    if not cfg.init_weights:  # trained weights keep their biases
+        init_label_priors(model, ds)  # before DDP wraps the model and before any resume overwrites it
     sampler = ResumableSampler(ds, num_replicas=world, rank=rank, seed=tc.seed, shuffle=True)
     micro_per_epoch = sampler.num_samples // tc.batch_size
     if micro_per_epoch == 0:

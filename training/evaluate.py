@@ -372,6 +372,7 @@ def evaluate(
                 row, hits = pointing(on_input, mask.array, values, spacing=mask.spacing[::-1])
                 finding_rows += [{"volume": r.name, "label": label, "hit": h} for h in hits]
                 if row is not None:
+                    row["peak_offset_ras_mm"] = offset_ras_mm(row.pop("peak_offset_vox"), mask.ijk_to_ras)
                     point_rows.append({"volume": r.name, "label": label, **row})
 
     probs, labels = np.concatenate(probs), np.concatenate(labels)
@@ -435,21 +436,25 @@ def pointing(heat: np.ndarray, mask: np.ndarray, values: list[int], spacing=(1.0
              ) -> tuple[dict | None, list[bool]]:
     """Pointing game of one label's heatmap (on the mask's grid) against its instances (mask values).
 
-    Returns ({hit, peak_distance_mm, mass_in_mask, mask_fraction} for the union of the instances, or None when
-    none is in the mask; one hit per instance present). hit: the heatmap's argmax lies on the instance(s);
-    peak_distance_mm: from the argmax to the nearest instance voxel (0 on a hit; `spacing` = mm per array axis);
-    mass_in_mask: share of the heatmap above its mean that lies inside.
+    Returns ({hit, peak_distance_mm, peak_offset_vox, mass_in_mask, mask_fraction} for the union of the instances,
+    or None when none is in the mask; one hit per instance present). hit: the heatmap's argmax lies on the
+    instance(s); peak_distance_mm: from the argmax to the nearest instance voxel (0 on a hit; `spacing` = mm per
+    array axis); peak_offset_vox: that step in array axes (voxels; zeros on a hit), whose direction tells a
+    systematic miss from a scattered one; mass_in_mask: share of the heatmap above its mean that lies inside.
     """
     peak = int(np.argmax(heat))
     per_instance = [bool(mask.flat[peak] == v) for v in values if (mask == v).any()]
     union = np.isin(mask, values)
     if not union.any():
         return None, per_instance
-    offsets = (np.argwhere(union) - np.array(np.unravel_index(peak, heat.shape))) * np.asarray(spacing, dtype=float)
+    steps = np.array(np.unravel_index(peak, heat.shape)) - np.argwhere(union)  # instance voxel -> argmax
+    mm = np.sqrt(((steps * np.asarray(spacing, dtype=float)) ** 2).sum(1))
+    nearest = int(np.argmin(mm))
     pos = np.maximum(heat - heat.mean(), 0)
     mass = float(pos[union].sum() / pos.sum()) if pos.sum() > 0 else 0.0
-    return {"hit": bool(union.flat[peak]), "peak_distance_mm": float(np.sqrt((offsets**2).sum(1)).min()),
-            "mass_in_mask": mass, "mask_fraction": float(union.mean())}, per_instance
+    return {"hit": bool(union.flat[peak]), "peak_distance_mm": float(mm[nearest]),
+            "peak_offset_vox": [int(v) for v in steps[nearest]], "mass_in_mask": mass,
+            "mask_fraction": float(union.mean())}, per_instance
 
 
 def _item_snippets(batch: dict, b: int, r) -> list[tuple]:
@@ -511,9 +516,26 @@ def _summarise_points(rows: list[dict], finding_rows: list[dict]) -> dict:
         "mass_in_mask": float(np.mean([r["mass_in_mask"] for r in rows])),
         "mask_fraction": float(np.mean([r["mask_fraction"] for r in rows])),
         "per_label": {lab: {"n": len(hits), "pointing_game": float(np.mean(hits)),
-                            "median_peak_distance_mm": float(np.median(distances[lab]))}
+                            "median_peak_distance_mm": float(np.median(distances[lab])),
+                            **_miss_direction([r for r in rows if r["label"] == lab])}
                       for lab, hits in sorted(_group(rows, "label", "hit").items())},
     }
+
+
+def offset_ras_mm(step_array_axes, ijk_to_ras: np.ndarray) -> list[float]:
+    """A voxel step in a volume's array axes (k, j, i, as `Volume.array` holds them) -> the same step in RAS mm."""
+    step_ijk = np.asarray(step_array_axes, dtype=float)[::-1]
+    return [float(v) for v in np.asarray(ijk_to_ras, dtype=float)[:3, :3] @ step_ijk]
+
+
+def _miss_direction(rows: list[dict]) -> dict:
+    """Where a label's misses lie: the per-axis median of the step from the nearest finding voxel to the heatmap
+    peak, in patient RAS mm (+R, +A, +S), over the missed (volume, label) rows, and their count. A median far from
+    0 on an axis with a small spread is a systematic offset (e.g. peaks above the finding), not scatter."""
+    misses = [r["peak_offset_ras_mm"] for r in rows if not r["hit"] and "peak_offset_ras_mm" in r]
+    if not misses:
+        return {"misses": 0}
+    return {"misses": len(misses), "miss_offset_ras_mm": [float(v) for v in np.median(np.asarray(misses), axis=0)]}
 
 
 def _group(rows: list[dict], key: str, value: str) -> dict[str, list]:
@@ -554,6 +576,11 @@ def format_table(report: dict) -> str:
                      f"peak within {h['tolerance_mm']:.0f} mm {h['pointing_game_within_tolerance']:.3f}, median "
                      f"peak distance {h['median_peak_distance_mm']:.1f} mm), mass in mask {h['mass_in_mask']:.3f} "
                      f"(mask fraction {h['mask_fraction']:.4f})")
+        for name, row in h["per_label"].items():
+            miss = row.get("miss_offset_ras_mm")
+            where = (" (R, A, S) " + ", ".join(f"{v:+.1f}" for v in miss) + " mm from the finding") if miss else ""
+            lines.append(f"  {name:34s} pointing {row['pointing_game']:.2f} of {row['n']}; "
+                         f"{row.get('misses', 0)} misses{where}")
     ci = report.get("intervals")
     if ci:
         shown = {"AUROC": ("auroc", 3), "localization mm": ("loc_median_mm", 1),

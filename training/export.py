@@ -123,7 +123,8 @@ def _training_lines(ck: dict) -> list[str]:
             f"(weight {getattr(cfg.loss, k).weight})"
             for k in ("siglip", "disease", "mil", "localization", "token_localization")
             if getattr(cfg.loss, k).enabled),
-    ]
+    ] + ([f"- started from the weights {cfg.init_weights}"
+          + (f", with {', '.join(cfg.train.freeze)} frozen" if cfg.train.freeze else "")] if cfg.init_weights else [])
 
 
 def apply_calibration(model, calibration: dict) -> None:
