@@ -5,7 +5,7 @@
 Encodes the `train` and `valid` splits once with the weights (no augmentation) and keeps, per scan, the global
 maximum and mean of three frozen feature maps: the CNN branch behind the pooled embedding, the transformer tokens
 and the label tokens behind the heatmaps and the MIL score. A logistic regression per label (standardised, C=0.01;
-800 scans against 512-1024 features) is fitted on `train` and scored on `valid` (AUROC), beside the model's own
+800 scans against 256-1024 features) is fitted on `train` and scored on `valid` (AUROC), beside the model's own
 shipped score on the same scans. Where every probe stays near the model's score, a new head on this encoder will
 not read the label better: it is the encoder that has not learned it (its features must change, which takes
 training the encoder). Prints the table and writes benchmarks/results/feature_probe.json. About 8 min on 2 cores.

@@ -182,3 +182,28 @@ def test_blobness_channels_come_from_a_sidecar_cache(data):
     assert collate([ds[0], ds[1]])["image"].shape == (2, 3, *PRE.shape)
     sidecars[0].write_bytes(b"not an array")  # a damaged sidecar is recomputed, not fatal
     assert all(ds[i] is not None for i in range(len(ds))) and not ds.bad
+
+
+def test_cached_image_sits_where_its_recorded_affine_says(tmp_path):
+    """The training/evaluation image and the file's own geometry agree voxel for voxel: the NIfTI read as masks are
+    read (`ctvl.io.read_volume`), resampled with the recorded model affine, equals the cached model-grid image, and
+    moving it by one voxel along any axis does not (heatmap-vs-mask scores rely on this registration)."""
+    from ctvl.geometry import resample
+    from ctvl.io import read_volume
+
+    from training.synthetic import write_small_phantom
+
+    root = write_small_phantom(tmp_path / "ph", n=1, split="train", shape=(32, 48, 48))
+    pre = Preprocess((4.0, 4.0, 4.0), (16, 24, 24), (-1000.0, 400.0))
+    ds = CTRateDataset(root, "train", pre, bin_depth=2)
+    ds.prepare(workers=1, progress=False)
+    image = ds.load_array(0).astype(np.float32)
+    raw = read_volume(ds.records[0].path, validate=False)
+    again = resample(raw, np.asarray(ds._info(ds.records[0])["model_ijk_to_ras"]), pre.shape, order=1,
+                     fill=float(raw.array.min())).array
+    again = np.clip((again + 1000.0) / 1400.0, 0, 1)
+    inner = (slice(2, -2),) * 3
+    assert np.abs(again[inner] - image[inner]).mean() < 1e-3
+    for axis in range(3):
+        for step in (-1, 1):
+            assert np.abs(np.roll(again, step, axis)[inner] - image[inner]).mean() > 5e-3
