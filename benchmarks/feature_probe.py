@@ -45,7 +45,7 @@ def encode_split(model, root: Path, split: str) -> dict[str, np.ndarray]:
     pos, neg = model.prompt_embeddings()
     out: dict[str, list] = {k: [] for k in (*FEATURES, "model", "labels")}
     with torch.no_grad():
-        for batch in tqdm(list(_batches(ds, 16)), desc=f"encode {split}"):
+        for batch in tqdm(_batches(ds, 16), total=-(-len(ds) // 16), desc=f"encode {split}"):
             image = batch["image"].float()
             x = model.vision.with_blobs(image)
             feats, _skip, stem = model.vision.forward_features(x)
@@ -71,13 +71,14 @@ def probe(xt: np.ndarray, yt: np.ndarray, xv: np.ndarray, yv: np.ndarray) -> tup
     xt, xv = (xt - mean) / std, (xv - mean) / std
     valid, train = [], []
     for k in range(yt.shape[1]):
-        if len(np.unique(yt[:, k][np.isfinite(yt[:, k])])) < 2:
+        known_t, known_v = np.isfinite(yt[:, k]), np.isfinite(yv[:, k])  # a label the CSV lacks for a scan
+        if len(np.unique(yt[known_t, k])) < 2:
             valid.append(float("nan"))
             train.append(float("nan"))
             continue
-        clf = LogisticRegression(C=PROBE_C, max_iter=3000).fit(xt, yt[:, k])
-        valid.append(auroc(yv[:, k], clf.decision_function(xv)))
-        train.append(auroc(yt[:, k], clf.decision_function(xt)))
+        clf = LogisticRegression(C=PROBE_C, max_iter=3000).fit(xt[known_t], yt[known_t, k])
+        valid.append(auroc(yv[known_v, k], clf.decision_function(xv[known_v])))
+        train.append(auroc(yt[known_t, k], clf.decision_function(xt[known_t])))
     return valid, train
 
 
