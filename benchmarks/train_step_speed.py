@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import torch
+from ctvl.allocator import retain_freed_memory
 
 from training.config import load_config
 from training.engine import TrainStep, amp_dtype, build_model, build_optimizer, freeze_parameters
@@ -42,6 +43,7 @@ def synthetic_batch(model, batch: int, rng: np.random.Generator, device: torch.d
 
 
 def measure(config: str, overrides: list[str], device: str, batch: int, steps: int, checkpointing: bool) -> dict:
+    retained = retain_freed_memory()  # as `python -m training` does (ctvl.allocator; CTVL_RETAIN_FREED_MEMORY=0: off)
     cfg = load_config(config, overrides)
     dev = torch.device(device)
     if dev.type == "cpu" and cfg.train.threads:
@@ -72,7 +74,7 @@ def measure(config: str, overrides: list[str], device: str, batch: int, steps: i
         if i >= 3:
             times.append(time.perf_counter() - t0)
     out = {"config": config, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-           "batch": batch, "amp": str(amp), "grad_checkpointing": checkpointing,
+           "batch": batch, "amp": str(amp), "grad_checkpointing": checkpointing, "retain_freed_memory": retained,
            "s_per_step_median": float(np.median(times)), "s_per_step_min": float(np.min(times))}
     if dev.type == "cuda":
         out["gpu_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30

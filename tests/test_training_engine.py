@@ -277,3 +277,18 @@ def test_fine_tune_from_weights_with_frozen_encoder(data, tmp_path):
               progress=False)
     with pytest.raises(CTVLInputError, match="list of parameter-name prefixes"):
         tiny_config(data, **{"train.freeze": "vision."})
+
+
+def test_export_refuses_a_missing_or_broken_checkpoint_in_one_line(tmp_path, capsys):
+    from training.__main__ import main
+
+    broken = tmp_path / "step_00000010.pt"
+    broken.write_bytes(b"PK\x03\x04 truncated")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    for path, problem in [(tmp_path / "missing.pt", "no such checkpoint file"),
+                          (broken, "not a readable checkpoint"), (foreign, "not a training checkpoint")]:
+        assert main(["export", str(path), "--out", str(tmp_path / "w")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert problem in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "w").exists()

@@ -130,8 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ctvl.allocator import ENV, retain_freed_memory
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if retain_freed_memory():  # ~2x faster CPU steps (ctvl.allocator)
+        logging.getLogger("training").info("glibc keeps freed memory for reuse (%s=0 turns it off)", ENV)
     try:
         return args.run(args)
     except CTVLError as exc:

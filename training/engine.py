@@ -265,7 +265,23 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers, strings and lists only
+    """A checkpoint written by `train` (tensors, numbers, strings and lists only: ``weights_only``); a missing,
+    truncated or foreign file is refused in one line."""
+    from ctvl.errors import CTVLInputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CTVLInputError(path, "no such checkpoint file",
+                             "Give a checkpoint .pt, a run directory or an exported weights directory")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for a truncated or foreign file
+        raise CTVLInputError(path, f"not a readable checkpoint ({type(exc).__name__})",
+                             "It may be truncated or not written by `python -m training train`") from exc
+    if not isinstance(ck, dict) or "model" not in ck:
+        raise CTVLInputError(path, "not a training checkpoint (no model state)",
+                             "Give a file from <run>/checkpoints/ or an exported weights directory")
+    return ck
 
 
 # ---------------------------------------------------------------------------------------------- logging

@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 
+from ctvl.allocator import retain_freed_memory
 from ctvl.errors import CTVLCancelled, CTVLError
 
 SUBCOMMANDS = ("analyze", "locate", "info", "mine", "phantom")
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    retain_freed_memory()  # a short-lived process: reuse freed buffers instead of faulting in new pages
     try:
         return int(args.run(args) or 0)
     except CTVLCancelled:
