@@ -6,7 +6,8 @@ threshold (at most 32 MiB) with a fresh mmap and returns it with munmap when fre
 pages anew: the kernel zero-fills them, one page fault per 4 KiB. `retain_freed_memory` turns mmap off for
 allocations (`M_MMAP_MAX` = 0) and heap trimming off (`M_TRIM_THRESHOLD` at its maximum): freed blocks stay in the
 heap and the next step reuses them. The numbers computed are the same; the process keeps its peak memory until it
-exits. On a 2-core AVX2 EPYC a demo training step (fp32, batch 16) went from 11.2 to 5.3 s (README).
+exits. On a 2-core AVX2 EPYC a demo training step (fp32, batch 16) went from 11.5 to 5.0 s
+(`benchmarks/train_step_speed.py`, README).
 
 Called by the command lines (`python -m training`, `ctvl`) and the benchmarks that time them; not by the library
 itself, so a long-lived host (3D Slicer) keeps the default and gives memory back. `CTVL_RETAIN_FREED_MEMORY=0` in
