@@ -1,4 +1,5 @@
-"""``python -m training train|evaluate|calibrate|export`` (train also runs under ``torchrun --nproc_per_node N``)."""
+"""``python -m training train|evaluate|calibrate|export|text-features`` (train also runs under ``torchrun
+--nproc_per_node N``)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,24 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text_features(args: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.engine import build_model
+    from training.text_features import build_table, corpus_sentences, prompt_sentences, save_table, tower_settings
+
+    cfg = load_config(args.config, list(args.override or []))
+    root = Path(args.data or cfg.data.root)
+    for split in args.splits:
+        if not (root / "radiology_text_reports" / f"{split}_reports.csv").is_file():
+            raise CTVLError(f"{root}: no reports for split {split!r} (radiology_text_reports/{split}_reports.csv)")
+    model = build_model(cfg)
+    sentences = prompt_sentences(model) + corpus_sentences(model, root, args.splits, tuple(cfg.data.report_fields))
+    features, unique = build_table(model, sentences)
+    path = save_table(args.out, features, unique, tower_settings(model))
+    print(f"{len(unique)} sentences ({', '.join(args.splits)} + prompts) -> {path}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from training.engine import latest_checkpoint
     from training.export import export, is_weights_dir
@@ -115,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     c.add_argument("--workers", type=int, default=1)
     c.set_defaults(run=_calibrate)
+    f = sub.add_parser("text-features", help="a table of the frozen text tower's sentence features "
+                                             "(train.text_features)")
+    f.add_argument("--config", required=True, help="the training config (its model.text_* settings)")
+    f.add_argument("--data", help="dataset root (default: the config's data.root)")
+    f.add_argument("--splits", nargs="+", default=["train", "valid", "test"])
+    f.add_argument("--out", required=True, help="the table, a .safetensors file")
+    f.add_argument("--override", action="append", metavar="KEY=VALUE")
+    f.set_defaults(run=_text_features)
     x = sub.add_parser("export", help="checkpoint -> weights directory")
     x.add_argument("checkpoint", help="a checkpoint .pt, a run directory (latest checkpoint), or an exported "
                                       "weights directory (new settings, calibration, metrics; card keeps its training)")

@@ -119,6 +119,9 @@ class TrainConfig:
     # parameter-name prefixes kept fixed (e.g. [vision., cnn_branch., dense.] to tune the heads of an encoder from
     # init_weights); each must name at least one parameter. The text backbone is frozen by model.text_trainable_layers
     freeze: list = field(default_factory=list)
+    # a table of the frozen text tower's sentence features (python -m training text-features): the tower is not run,
+    # and a sentence outside the table stops the run (training.text_features)
+    text_features: Optional[str] = None
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10

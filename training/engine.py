@@ -405,6 +405,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed)  # same initial weights on every rank
     model = build_model(cfg)
+    if tc.text_features:  # the frozen tower's sentence features from a table; the tower is not run
+        from training.text_features import use_table
+
+        use_table(model, tc.text_features)
     frozen = freeze_parameters(model, tc.freeze)
     if main and frozen:
         kept = sum(p.numel() for n, p in model.named_parameters() if n.startswith(tuple(tc.freeze)))

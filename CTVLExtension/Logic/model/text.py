@@ -14,7 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from ctvl.errors import CTVLDependencyError, CTVLWeightsError
+from ctvl.errors import CTVLDependencyError, CTVLInputError, CTVLWeightsError
 from ctvl.model.config import ModelConfig
 from torch import Tensor, nn
 
@@ -150,6 +150,7 @@ class TextTower(nn.Module):
         else:
             self.backbone = None
         self.width = int(shared.model.config.hidden_size)
+        self.table_only = False  # `preload(..., table_only=True)`: never run the frozen backbone
 
     def train(self, mode: bool = True) -> TextTower:
         """Fine-tuned layers follow `mode`; frozen backbone parts always stay in eval (no dropout)."""
@@ -188,6 +189,9 @@ class TextTower(nn.Module):
         shared = self._shared
         with shared.lock:
             missing = list(dict.fromkeys(s for s in sentences if s not in shared.cache))
+        if missing and self.table_only:
+            raise CTVLInputError("text-feature table", f"{len(missing)} sentence(s) are not in it, e.g. {missing[0]!r}",
+                                 "Rebuild it (python -m training text-features) over the splits this run reads")
         if missing:
             model = self._frozen_model(device)
             feats = []
@@ -211,6 +215,19 @@ class TextTower(nn.Module):
             model = self._frozen_model(device)
             return self._run(model, sentences, device).float()
         return torch.stack(out).to(device)
+
+    def preload(self, features: dict[str, Tensor], table_only: bool = False) -> None:
+        """Put known sentence features [width] into the frozen tower's cache (kept: the cache grows to hold them);
+        with ``table_only`` a sentence outside the cache raises instead of running the backbone
+        (`training.text_features`)."""
+        if self.backbone is not None:
+            raise CTVLWeightsError(self.config.text_model, "has trainable layers", "only a frozen tower is preloaded")
+        shared = self._shared
+        with shared.lock:
+            shared.cache_size = max(shared.cache_size, len(features) + 4096)
+            for sentence, feat in features.items():
+                shared.cache[sentence] = feat.detach().float().cpu().clone()
+        self.table_only = bool(table_only)
 
     def forward(self, sentences: list[str], device: torch.device | None = None) -> Tensor:
         """Features [N, width] for N sentences (no projection, no normalisation)."""
