@@ -83,6 +83,7 @@ def child_pipeline(path: str, threads: int, full: bool) -> dict:
         t2 = time.perf_counter()
         enc.disease_probabilities()
         t3 = time.perf_counter()
+        enc.prepare_heatmaps(labels=enc.labels())  # as `ctvl analyze` does: all labels' encoder passes at once
         for label in enc.labels():
             enc.heatmap(label, grid="model")
         t4 = time.perf_counter()

@@ -77,8 +77,9 @@ def quality_section(q: dict) -> list[str]:
     if "mask" in cols:
         out += ["", "The oracle column is no model: its heatmaps are the phantom masks averaged onto the demo "
                 "model's heatmap grid (`--baseline mask`: each cell's token-sized box, on the stitched grid of "
-                "`model.heatmap_subdivision`), what a heatmap that knows the answer scores at that resolution; its "
-                "other figures are the prevalence baseline's."]
+                "`model.heatmap_subdivision`, the label maps' grid before `model.heatmap_guidance` sharpens them), "
+                "what a heatmap that knows the answer scores at that resolution; its other figures are the "
+                "prevalence baseline's."]
     per = q["reports"]["model"]["classification"]["per_label"]
     point = {c: q["reports"][c].get("heatmaps", {}).get("per_label", {}) for c in ("model", "mask") if c in cols}
     branch = {k: b["per_label_auroc"] for k, b in q["reports"]["model"].get("score_branches", {}).items()}

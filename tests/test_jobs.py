@@ -132,14 +132,17 @@ def test_analyze_prepares_the_stitched_heatmaps_in_the_worker_with_progress_and_
             super().__init__()
             self.prepared = []
 
-        def prepare_heatmaps(self, progress=None, cancel=None):
+        def prepare_heatmaps(self, progress=None, cancel=None, labels=None):
             progress(0.5, "label heatmaps")
             self.prepared.append(cancel)
+            self.labels_prepared = labels
 
     enc, seen = _Stitched(), []
     analyze(enc.volume, lambda: "M", progress=lambda f, m: seen.append((f, m)), cancelled=lambda: False,
             encode_fn=lambda v, m, **kw: enc, heatmap_labels=1)
     assert len(enc.prepared) == 1 and enc.prepared[0]() is False  # the job's cancel reaches the encoder passes
+    probs = enc.disease_probabilities()  # every label, most probable first: showing another one later is instant
+    assert enc.labels_prepared == sorted(probs, key=lambda label: -probs[label])
     stitched = [f for f, m in seen if m == "label heatmaps"]
     assert len(stitched) == 1 and 0.8 <= stitched[0] <= 0.85  # between the probabilities and the heatmaps
     analyze(enc.volume, lambda: "M", encode_fn=lambda v, m, **kw: enc, heatmap_labels=0)

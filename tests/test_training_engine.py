@@ -173,6 +173,11 @@ def test_export_load_round_trip(data, tmp_path):
         export(ckpt, tmp_path / "bad", settings=["heatmap_subdivision=[1, 3, 2]"])
     with pytest.raises(CTVLWeightsError, match="heatmap_subdivision"):
         export(ckpt, tmp_path / "bad", settings=["heatmap_subdivision=abc"])
+    with pytest.raises(CTVLWeightsError, match="unknown heatmap_guidance"):
+        export(ckpt, tmp_path / "bad", settings=["heatmap_guidance=gradcam"])
+    assert not c.config.mil_disease  # guidance follows the MIL logit's gradient: refused for a model without one
+    with pytest.raises(CTVLWeightsError, match="heatmap_guidance needs mil_disease"):
+        export(ckpt, tmp_path / "bad", settings=["heatmap_guidance=input_x_gradient"])
     # an exported directory is a source too (its checkpoint need not be at hand), in place: new settings and
     # calibration, the same tensors, the card's training section kept verbatim
     import shutil

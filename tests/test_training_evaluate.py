@@ -249,3 +249,50 @@ def test_intervals_resample_volumes_and_bracket_the_figures():
     assert ci["pointing_game"][0] < 0.5 < ci["pointing_game"][1]
     assert "40 volumes" in ci["method"]
     assert intervals(names, probs, labels, [], [], n_boot=50)["loc_median_mm"] is None
+
+
+def test_guided_heatmaps_are_scored_on_the_model_grid(setup, tmp_path, monkeypatch):
+    """With heatmap_guidance the label maps lie on the model grid (values in [0, 1]) and the pointing game reads
+    them through the model affine: model-grid maps equal to the phantom masks hit every pair whose mask survives
+    the coarse test grid (8 mm voxels; a 2-voxel nodule can fall between them)."""
+    from ctvl.io import read_volume
+    from ctvl.model import CTVLModel, load_weights, save_weights
+
+    import training.evaluate as ev
+    from training.data import Preprocess
+
+    root, weights = setup
+    torch.manual_seed(0)
+    cfg = load_weights(weights).config.replace(mil_disease=True, heatmap_guidance="input_x_gradient")
+    path = save_weights(CTVLModel(cfg), tmp_path / "guided")
+    ds = ev._dataset(root, "valid", Preprocess.from_model_config(cfg), cfg.downsample()[0], None, None, 1)
+    batch = next(ev._batches(ds, 2))
+    labs = [[LABELS.index("Lung nodule"), LABELS.index("Atelectasis")], []]
+    out = ev.ModelPredictor(load_weights(path), torch.device("cpu"))(batch, labs)
+    for lab in labs[0]:
+        heat = out["heat"][0][lab]
+        assert heat.shape == cfg.input_shape and heat.min() >= 0 and heat.max() <= 1
+    assert out["heat"][1] == {}
+
+    gt = ev.load_ground_truth(root, "valid")
+    plain_call = ev.ModelPredictor.__call__
+    on_grid = []  # one flag per (volume, label) pair: its mask has a voxel on the model grid
+
+    def oracle_call(self, batch, heat_labels):  # the masks on the model grid in place of the guided maps
+        out = plain_call(self, batch, heat_labels)
+        for b, idx in enumerate(batch["index"]):
+            r = ds.records[int(idx)]
+            mask = read_volume(ev._mask_path(root, "valid", r.name, gt[r.name]), validate=False)
+            for lab in out["heat"][b]:
+                values = [int(f["mask_value"]) for f in gt[r.name]["findings"]
+                          if f.get("label") == LABELS[lab] and f.get("mask_value")]
+                oracle = ev.mask_occupancy(mask, values, np.asarray(ds._info(r)["model_ijk_to_ras"]),
+                                           cfg.input_shape, (1, 1, 1))
+                out["heat"][b][lab] = oracle
+                on_grid.append(bool(oracle.max() > 0))
+        return out
+
+    monkeypatch.setattr(ev.ModelPredictor, "__call__", oracle_call)
+    h = ev.evaluate(str(path), root, split="valid", bootstrap=0)["heatmaps"]
+    assert len(on_grid) == h["n_volume_labels"] and sum(on_grid) >= 3
+    assert round(h["pointing_game"] * h["n_volume_labels"]) == sum(on_grid)

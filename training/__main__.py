@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--eval", help="evaluation report.json to put in card.md")
     x.add_argument("--calibration", help="calibration.json of `training calibrate` (sets its config values)")
     x.add_argument("--set", action="append", metavar="NAME=VALUE",
-                   help="an inference-time config value (heatmap_subdivision, locate_peak_radius, "
-                        "locate_laterality), e.g. "
+                   help="an inference-time config value (heatmap_subdivision, heatmap_guidance, "
+                        "locate_peak_radius, locate_laterality), e.g. "
                         "--set heatmap_subdivision=[1,4,4]; repeatable")
     x.set_defaults(run=_export)
     return p

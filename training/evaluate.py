@@ -9,7 +9,8 @@
 - Snippet localization: predicted slice = the best depth bin's centre mapped to the input slice; error |delta| in
   slices and mm, % inside the finding's slice range (phantom ``ground_truth.jsonl``; else the cited slice).
 - Heatmaps (phantom masks), focal findings: pointing game per (volume, label) with Zhang et al.'s hit rule (a hit
-  when the argmax of the label-prompt heatmap (on the model's `heatmap_subdivision` grid), resampled to the input
+  when the argmax of the label-prompt heatmap (on the model's `heatmap_subdivision` grid, or on the model grid when
+  its `heatmap_guidance` sharpens it: the map the product shows, `ctvl.model.guidance`), resampled to the input
   grid, lies on any of the label's instance masks) but without their 15-pixel tolerance (stricter; this is the
   target's figure), also per finding (stricter still: one maximum can hit only one of two nodules), and
   mass-in-mask (share of the heatmap mass above its mean inside the label's masks). Reported beside it, not
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ctvl.model.guidance import guided_heatmap, label_attribution, to_model_grid
 from ctvl.model.stitch import stitched, stitched_ijk_to_ras
 from ctvl.prompts import LABELS, snippet_labels
 from ctvl.tokengrid import refine_peak
@@ -56,6 +58,7 @@ class ModelPredictor:
         self.model = model.eval().to(device)
         self.device = device
         self.bin_size = int(model.config.downsample()[0])
+        self.guided = model.config.heatmap_guidance != "none"  # its heatmaps lie on the model grid
         with torch.no_grad():
             self.pos, self.neg = model.prompt_embeddings()
 
@@ -83,17 +86,23 @@ class ModelPredictor:
             valid = batch["bin_valid"].to(self.device)[owner]
             bins = list(logits.masked_fill(~valid, float("-inf")).float().cpu().numpy())  # argmax over the scan
         heats, label_tokens = [], m.label_tokens(emb)
-        stitch = tuple(m.config.heatmap_subdivision) != (1, 1, 1)
+        sub = tuple(m.config.heatmap_subdivision)
         for i, labs in enumerate(heat_labels):
-            if stitch and labs:  # the finer heatmaps the product shows (shift-and-stitch, config.heatmap_subdivision)
-                z = m.stitched_heatmap_logits(batch["image"][i : i + 1].to(self.device, torch.float32),
-                                              [LABELS[lab] for lab in labs], self.pos[labs], self.neg[labs])[0]
-                heats.append({lab: z[j].float().cpu().numpy() for j, lab in enumerate(labs)})
+            if not labs:
+                heats.append({})
                 continue
-            ev = emb.evidence[i : i + 1] if emb.evidence is not None else None
-            heats.append({lab: m.disease_heatmap_logits(label_tokens[i : i + 1], [LABELS[lab]], self.pos[lab : lab + 1],
-                                                         self.neg[lab : lab + 1], ev)[0, 0].float().cpu().numpy()
-                          for lab in labs})
+            x = batch["image"][i : i + 1].to(self.device, torch.float32)
+            names = [LABELS[lab] for lab in labs]
+            if sub != (1, 1, 1):  # the finer heatmaps the product shows (shift-and-stitch, config.heatmap_subdivision)
+                z = m.stitched_heatmap_logits(x, names, self.pos[labs], self.neg[labs])[0]
+            else:
+                ev = emb.evidence[i : i + 1] if emb.evidence is not None else None
+                z = m.disease_heatmap_logits(label_tokens[i : i + 1], names, self.pos[labs], self.neg[labs], ev)[0]
+            if self.guided:  # on the model grid, sharpened by the input x gradient (config.heatmap_guidance)
+                coarse = to_model_grid(z, tuple(m.config.downsample()), sub, tuple(x.shape[-3:]))
+                attribution = label_attribution(m, x, names, self.pos[labs], self.neg[labs])
+                z = torch.stack([guided_heatmap(c, a) for c, a in zip(coarse, attribution)])
+            heats.append({lab: z[j].float().cpu().numpy() for j, lab in enumerate(labs)})
         return {"probs": probs, "image": emb.pooled.float().cpu().numpy(), "report": reports, "bins": bins,
                 "heat": heats, "branches": branches}
 
@@ -356,7 +365,8 @@ def evaluate(
             if mpath is None:
                 continue
             mask = read_volume(mpath, validate=False)
-            heat_aff = stitched_ijk_to_ras(np.asarray(info["model_ijk_to_ras"]), bsize, mc.heatmap_subdivision)
+            heat_aff = np.asarray(info["model_ijk_to_ras"]) if getattr(predictor, "guided", False) else \
+                stitched_ijk_to_ras(np.asarray(info["model_ijk_to_ras"]), bsize, mc.heatmap_subdivision)
             instances: dict[str, list[int]] = {}  # label -> mask values of its focal findings in this volume
             for f in findings:
                 if f.get("label") in LABELS and LABELS.index(f["label"]) in out["heat"][b] and f.get("mask_value") \

@@ -72,7 +72,9 @@ def model_card(ck: dict, eval_report: dict | None, calibration: dict | None = No
         + ("; blobness maximum per token beside the densitometry features" if mc.get("blob_tokens") else "")
         + ("; per-label blobness readout added to the token-level disease logits" if mc.get("blob_readout") else ""),
         "- label heatmaps: " + (f"shift-and-stitch, {list(mc['heatmap_subdivision'])} cells per token (d, h, w)"
-                                if tuple(mc.get("heatmap_subdivision") or (1, 1, 1)) != (1, 1, 1) else "token grid"),
+                                if tuple(mc.get("heatmap_subdivision") or (1, 1, 1)) != (1, 1, 1) else "token grid")
+        + ("; guided by each label's input x gradient on the model grid"
+           if (mc.get("heatmap_guidance") or "none") != "none" else ""),
         "",
     ]
     lines += ck["training_section"] if "training_section" in ck else _training_lines(ck)
@@ -142,7 +144,7 @@ def apply_calibration(model, calibration: dict) -> None:
 
 
 # model config values that change only how the trained weights are read out, never the weights
-INFERENCE_SETTINGS = ("heatmap_subdivision", "locate_peak_radius", "locate_laterality")
+INFERENCE_SETTINGS = ("heatmap_subdivision", "heatmap_guidance", "locate_peak_radius", "locate_laterality")
 
 
 def apply_settings(model, items: list[str] | None) -> None:

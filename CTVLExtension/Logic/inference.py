@@ -37,6 +37,7 @@ from ctvl.runtime import (
     model_lock,
     model_state,
     resolve_device,
+    scaled_progress,
 )
 from ctvl.tokengrid import hat_weights, plan_windows, separable_resample, z_extent_voxels
 
@@ -233,6 +234,7 @@ class VolumeEncoding:
         self._bin_scores: dict[str, np.ndarray] = {}  # text -> [d] depth-bin scores (bin_scores)
         self._sides: dict[str, torch.Tensor] = {}  # 'right' / 'left' -> [w] token columns (locate_laterality)
         self._stitched: torch.Tensor | None = None  # [L, d*n_d, h*n_h, w*n_w] label heatmaps (heatmap_subdivision)
+        self._guided: dict[str, torch.Tensor] = {}  # label -> [D, H, W] guided heatmap (heatmap_guidance)
 
     # ------------------------------------------------------------------ text
     def labels(self) -> list[str]:
@@ -328,10 +330,22 @@ class VolumeEncoding:
             return (1, 1, 1)
         return n  # type: ignore[return-value]
 
+    def guidance(self) -> str:
+        """config.heatmap_guidance of the label heatmaps, "none" when off or when the encoding keeps no model input."""
+        mode = str(_cfg(self.model, "heatmap_guidance", default="none") or "none")
+        return "none" if self.model_input is None else mode
+
     def heatmap_scores(self, label_or_text: str) -> tuple[torch.Tensor, np.ndarray]:
-        """The heatmap logits the user sees and their IJK->RAS: a known label's map on the stitched grid when the
-        model has a `heatmap_subdivision` (`ctvl.model.stitch`), else `token_scores` on the token grid."""
+        """The heatmap the user sees and its IJK->RAS: a known label's map guided by its input x gradient on the
+        model grid when the model has a `heatmap_guidance` (`ctvl.model.guidance`; values in [0, 1]), else its
+        logits on the stitched grid when it has a `heatmap_subdivision` (`ctvl.model.stitch`), else `token_scores`
+        on the token grid."""
         text = check_text(label_or_text)
+        if text in self.labels() and self.guidance() != "none":
+            return self._guided_label_heatmaps([text])[text], self.model_ijk_to_ras
+        return self._coarse_scores(text)
+
+    def _coarse_scores(self, text: str) -> tuple[torch.Tensor, np.ndarray]:
         n = self.subdivision()
         if n == (1, 1, 1) or text not in self.labels():
             return self.token_scores(text), self.token_ijk_to_ras()
@@ -340,11 +354,53 @@ class VolumeEncoding:
         heat = self._stitched_label_heatmaps()[self.labels().index(text)]
         return heat, stitched_ijk_to_ras(self.model_ijk_to_ras, self.patch, n)
 
-    def prepare_heatmaps(self, progress: ProgressFn | None = None, cancel: CancelLike = None) -> None:
-        """Run the stitched label heatmaps' encoder passes now (a worker thread's job: progress per window, cancel
-        mid-forward), so that every later `heatmap` of a label is immediate. Nothing to do on the token grid."""
+    def prepare_heatmaps(self, progress: ProgressFn | None = None, cancel: CancelLike = None,
+                         labels: list[str] | None = None) -> None:
+        """Run the label heatmaps' encoder passes now (a worker thread's job: progress per window, cancel
+        mid-forward), so that every later `heatmap` of a label (of ``labels``, for a guided model) is immediate.
+        Nothing to do on the token grid."""
+        guided = [check_text(lbl, "label") for lbl in labels or []] if self.guidance() != "none" else []
         if self.subdivision() != (1, 1, 1):
-            self._stitched_label_heatmaps(Steps(progress, cancel))
+            self._stitched_label_heatmaps(Steps(scaled_progress(progress, 0.0, 0.5 if guided else 1.0), cancel))
+        if guided:
+            self._guided_label_heatmaps(guided, Steps(scaled_progress(progress, 0.5, 1.0), cancel))
+
+    def _guided_label_heatmaps(self, labels: list[str], steps: Steps | None = None) -> dict[str, torch.Tensor]:
+        """{label: [D, H, W]} guided label heatmaps on the model grid (`ctvl.model.guidance`), computed once per
+        scan and label: the coarse map resampled to the model grid, times the attribution of one encoder forward
+        and backward per window, windows blended along S as in `encode`."""
+        from ctvl.model.guidance import guided_heatmap, label_attribution
+
+        todo = [lbl for lbl in dict.fromkeys(labels) if lbl not in self._guided]
+        unknown = [lbl for lbl in todo if lbl not in self.labels()]
+        if unknown:
+            raise CTVLInputError(None, f"no label heatmap for {unknown[0]!r}", "name one of the model's labels")
+        if todo:
+            steps = steps or Steps(None, None)
+            assert self.model_input is not None
+            coarse = [self._resampled(*self._coarse_scores(lbl), self.model_ijk_to_ras, self.model_shape)
+                      for lbl in todo]
+            pos, neg = (e.to(self.tokens.device) for e in self.prompt_embeddings(todo))
+            depth, pd = int(_cfg(self.model, "input_shape")[0]), self.patch[0]
+            device = model_device(self.model)
+            acc = torch.zeros((len(todo), *self.model_shape), device=device)
+            weight = torch.zeros(self.model_shape[0], device=device)
+            with self._lock, CancelHooks(self.model, steps), autocast(device):
+                for i, start in enumerate(self.window_starts):
+                    steps.report(i / len(self.window_starts),
+                                 f"guided heatmaps: window {i + 1}/{len(self.window_starts)}")
+                    x = torch.from_numpy(self.model_input[start:start + depth]).to(device)[None, None]
+                    a = label_attribution(self.model, x, todo, pos, neg)  # [L, depth, H, W]
+                    hat = torch.from_numpy(hat_weights(depth // pd)).to(device) if len(self.window_starts) > 1 \
+                        else torch.ones(depth // pd, device=device)
+                    hat = hat.repeat_interleave(pd)
+                    acc[:, start:start + depth] += a * hat[None, :, None, None]
+                    weight[start:start + depth] += hat
+            attribution = acc / weight.clamp_min(1e-12)[None, :, None, None]
+            for lbl, c, a in zip(todo, coarse, attribution):
+                self._guided[lbl] = guided_heatmap(torch.from_numpy(c.array).to(device), a)
+            steps.report(1.0, "guided heatmaps ready")
+        return {lbl: self._guided[lbl] for lbl in labels}
 
     def _stitched_label_heatmaps(self, steps: Steps | None = None) -> torch.Tensor:
         """[L, d*n_d, h*n_h, w*n_w] every label's stitched heatmap, computed once per scan (prod(n) encoder passes
@@ -388,6 +444,8 @@ class VolumeEncoding:
             up = torch.nn.functional.interpolate(scores[None, None], scale_factor=self.patch, mode="trilinear",
                                                  align_corners=False)[0, 0]
             return Volume(up.cpu().numpy().astype(np.float32, copy=False), self.model_ijk_to_ras.copy())
+        if src is self.model_ijk_to_ras:  # a guided map: on the model grid already
+            return Volume(scores.float().cpu().numpy(), self.model_ijk_to_ras.copy())
         return self._resampled(scores, src, self.model_ijk_to_ras, self.model_shape)
 
     def _to_input_grid(self, scores: torch.Tensor, src_ijk_to_ras: np.ndarray | None = None) -> Volume:

@@ -49,10 +49,11 @@ def _plane_images(encoding, panel: Panel, size: int) -> tuple[np.ndarray, np.nda
 
 
 def best_z_for(encoding, label_or_text: str) -> float:
-    """RAS S (mm) of the token with the highest heatmap score, clamped to the input's slice range."""
-    scores = encoding.token_scores(label_or_text).cpu().numpy()
-    d = int(np.unravel_index(int(np.argmax(scores)), scores.shape)[0])
-    z = float(encoding.bin_positions_mm()[d])
+    """RAS S (mm) of the maximum of the heatmap the panel shows (`VolumeEncoding.heatmap`, model grid; the
+    module's finding view jumps to the same peak), clamped to the input's slice range."""
+    from ctvl.workflow import heatmap_peak
+
+    z = float(heatmap_peak(encoding.heatmap(label_or_text, grid="model"))[1][2])
     zs = encoding.volume.slice_positions_mm()
     return float(np.clip(z, zs.min(), zs.max()))
 

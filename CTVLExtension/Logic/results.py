@@ -79,8 +79,8 @@ def analyze(volume: str | Path | Volume, model: Any, out_dir: str | Path, querie
 
     diseases: list[dict[str, Any]] = []
     t = time.perf_counter()
-    if heatmaps and hasattr(enc, "prepare_heatmaps"):  # stitched label heatmaps: their encoder passes, cancellable
-        enc.prepare_heatmaps(progress=report(0.6, 0.7), cancel=cancel)
+    if heatmaps and hasattr(enc, "prepare_heatmaps"):  # label heatmaps: their encoder passes, cancellable
+        enc.prepare_heatmaps(progress=report(0.6, 0.7), cancel=cancel, labels=list(probs))
     for n, (label, p) in enumerate(probs.items()):
         entry: dict[str, Any] = {"name": label, "probability": round(p, 6)}
         if heatmaps:

@@ -81,6 +81,16 @@ def cancel_fn(cancel: CancelLike) -> Callable[[], bool]:
     return lambda: bool(cancel)
 
 
+def scaled_progress(progress: ProgressFn | None, lo: float, hi: float) -> ProgressFn:
+    """A progress callback that maps a part's [0, 1] onto [lo, hi] of ``progress`` (None: reports nothing)."""
+
+    def report(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(lo + (hi - lo) * float(fraction), message)
+
+    return report
+
+
 class Steps:
     """Progress reporting and cancel checks between the steps of one job."""
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from ctvl.errors import CTVLInputError
 from ctvl.geometry import Volume
+from ctvl.runtime import scaled_progress
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,6 @@ class FindResult:
     @property
     def best(self) -> Any:
         return self.hits[0]
-
-
-def _scaled(progress: ProgressFn | None, lo: float, hi: float) -> ProgressFn:
-    def report(fraction: float, message: str) -> None:
-        if progress is not None:
-            progress(lo + (hi - lo) * float(fraction), message)
-
-    return report
 
 
 class ModelCache:
@@ -170,13 +163,14 @@ def analyze(volume: Volume, get_model: Callable[[], Any], progress: ProgressFn |
             raise CTVLCancelled("analysis cancelled")
         if encode_fn is None:
             from ctvl.inference import encode as encode_fn
-        encoding = encode_fn(volume, model, progress=_scaled(progress, 0.1, 0.8), cancel=cancelled)
+        encoding = encode_fn(volume, model, progress=scaled_progress(progress, 0.1, 0.8), cancel=cancelled)
     report(0.8, "disease probabilities")
     probabilities = dict(encoding.disease_probabilities())
     ranked = sorted(probabilities, key=lambda label: -probabilities[label])
     heatmaps: dict[str, Volume] = {}
-    if heatmap_labels > 0 and hasattr(encoding, "prepare_heatmaps"):  # stitched label heatmaps: encoder passes
-        encoding.prepare_heatmaps(progress=_scaled(progress, 0.82, 0.85), cancel=cancelled)
+    if heatmap_labels > 0 and hasattr(encoding, "prepare_heatmaps"):  # label heatmaps' encoder passes, every label
+        encoding.prepare_heatmaps(progress=scaled_progress(progress, 0.82, 0.85), cancel=cancelled,
+                                  labels=ranked)  # (guided ones too), so that showing another one later is instant
     for n, label in enumerate(ranked[: max(0, heatmap_labels)]):
         report(0.85 + 0.1 * n / max(1, heatmap_labels), f"heatmap: {label}")
         heatmaps[label] = encoding.heatmap(label, grid="input")

