@@ -369,7 +369,7 @@ class VolumeEncoding:
         """{label: [D, H, W]} guided label heatmaps on the model grid (`ctvl.model.guidance`), computed once per
         scan and label: the coarse map resampled to the model grid, times the attribution of one encoder forward
         and backward per window, windows blended along S as in `encode`."""
-        from ctvl.model.guidance import guided_heatmap, label_attribution
+        from ctvl.model.guidance import guided_heatmap, label_attribution, to_model_grid
 
         todo = [lbl for lbl in dict.fromkeys(labels) if lbl not in self._guided]
         unknown = [lbl for lbl in todo if lbl not in self.labels()]
@@ -378,8 +378,8 @@ class VolumeEncoding:
         if todo:
             steps = steps or Steps(None, None)
             assert self.model_input is not None
-            coarse = [self._resampled(*self._coarse_scores(lbl), self.model_ijk_to_ras, self.model_shape)
-                      for lbl in todo]
+            coarse = to_model_grid(torch.stack([self._coarse_scores(lbl)[0] for lbl in todo]), self.patch,
+                                   self.subdivision(), self.model_shape)
             pos, neg = (e.to(self.tokens.device) for e in self.prompt_embeddings(todo))
             depth, pd = int(_cfg(self.model, "input_shape")[0]), self.patch[0]
             device = model_device(self.model)
@@ -397,8 +397,8 @@ class VolumeEncoding:
                     acc[:, start:start + depth] += a * hat[None, :, None, None]
                     weight[start:start + depth] += hat
             attribution = acc / weight.clamp_min(1e-12)[None, :, None, None]
-            for lbl, c, a in zip(todo, coarse, attribution):
-                self._guided[lbl] = guided_heatmap(torch.from_numpy(c.array).to(device), a)
+            for lbl, c, a in zip(todo, coarse.to(device), attribution):
+                self._guided[lbl] = guided_heatmap(c, a)
             steps.report(1.0, "guided heatmaps ready")
         return {lbl: self._guided[lbl] for lbl in labels}
 
