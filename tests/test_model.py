@@ -162,6 +162,12 @@ def test_config_round_trip_and_validation(tmp_path):
         ModelConfig.from_dict({**cfg.to_dict(), "encoder": "resnet"})
     with pytest.raises(CTVLWeightsError, match="not divisible"):
         ModelConfig(input_shape=(90, 80, 80)).validate()
+    assert ModelConfig.from_dict({**cfg.to_dict(), "bin_temperature": "1e-1"}).bin_temperature == pytest.approx(0.1)
+    for key, value, expected in [("embed_dim", "wide", "whole number"), ("depth", 2.5, "whole number"),
+                                 ("spacing", [3.2, "x", 4.4], "number"), ("mil_disease", "yes", "true or false"),
+                                 ("encoder", 3, "text")]:
+        with pytest.raises(CTVLWeightsError, match=f"{key}: expected a {expected}|{key}: expected {expected}"):
+            ModelConfig.from_dict({**cfg.to_dict(), key: value})
 
 
 def test_save_load_round_trip(models, images, tmp_path):

@@ -35,6 +35,39 @@ def test_unknown_key_and_bad_override_are_clear_errors(tmp_path):
         load_config(CONFIGS[0], ["train.max_steps"])
 
 
+def test_values_of_the_wrong_type_are_clear_errors(tmp_path):
+    """A wrong type stops at load with the key named; YAML 1.1's string "3e-4" is read as the number it spells."""
+    from ctvl.errors import CTVLInputError
+
+    cfg = load_config(CONFIGS[0], ["optim.lr=3e-4", "optim.betas=[0.9, 1e-1]"])
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == [0.9, pytest.approx(0.1)]
+    with_yaml = tmp_path / "lr.yaml"
+    with_yaml.write_text("optim:\n  lr: 1e-3\n")  # written by hand, as the papers print it
+    assert load_config(with_yaml).optim.lr == pytest.approx(1e-3)
+    for override, key, expected in [
+        ("train.max_steps=1e3", "train.max_steps", "whole number"),
+        ("train.max_steps=true", "train.max_steps", "whole number"),
+        ("optim.lr=fast", "optim.lr", "number"),
+        ("optim.betas=[0.9, high]", "optim.betas", "number"),
+        ("train.grad_checkpointing=yes please", "train.grad_checkpointing", "true or false"),
+        ("data.root=[a, b]", "data.root", "text"),
+        ("train.freeze=vision.", "train.freeze", "list"),
+    ]:
+        with pytest.raises(CTVLInputError, match=rf"{key}: expected a {expected}|{key}: expected {expected}"):
+            load_config(CONFIGS[0], [override])
+
+
+def test_cli_refuses_a_wrong_type_with_one_line(tmp_path, capsys):
+    from training.__main__ import main
+
+    rc = main(["train", "--config", str(CONFIGS[0]), "--out", str(tmp_path / "run"),
+               "--override", "train.max_steps=many"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "train.max_steps" in err[0] and "whole number" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_mixed_precision_settings_are_checked():
     import torch
     from ctvl.errors import CTVLInputError

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ctvl.errors import CTVLInputError
+from ctvl.fieldtypes import FieldTypeError, check_value
 
 
 @dataclass
@@ -96,7 +97,7 @@ class LossConfig:
 class OptimConfig:
     lr: float = 3e-4
     weight_decay: float = 0.05
-    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
     grad_clip: Optional[float] = 1.0
@@ -176,7 +177,13 @@ def _build(cls, data: Any, where: str):
     for name, value in data.items():
         f = names[name]
         ftype = f.type if not isinstance(f.type, str) else _resolve(f.type)
-        kwargs[name] = _build(ftype, value, f"{where}.{name}") if dataclasses.is_dataclass(ftype) else value
+        if dataclasses.is_dataclass(ftype):
+            kwargs[name] = _build(ftype, value, f"{where}.{name}")
+            continue
+        try:
+            kwargs[name] = check_value(str(f.type), value)
+        except FieldTypeError as exc:
+            raise CTVLInputError(f"{where}.{name}", str(exc), "Fix the value in the YAML or the --override") from None
     return cls(**kwargs)
 
 

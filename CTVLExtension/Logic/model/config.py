@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ctvl.errors import CTVLWeightsError
+from ctvl.fieldtypes import FieldTypeError, check_value
 from ctvl.prompts import LABELS
 
 GUIDANCE_MODES = ("none", "input_x_gradient")  # ModelConfig.heatmap_guidance (ctvl.model.guidance)
@@ -293,6 +294,12 @@ class ModelConfig:
         if unknown:
             raise CTVLWeightsError(str(source), f"unknown config keys {unknown}",
                                    "these weights need a newer ctvl, or config.json was edited")
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        for name, value in data.items():
+            try:
+                data[name] = check_value(types[name], value)
+            except FieldTypeError as exc:
+                raise CTVLWeightsError(str(source), f"{name}: {exc}", "fix the value in the config") from None
         try:
             cfg = cls(**data)
         except TypeError as exc:  # pragma: no cover - defensive
