@@ -178,6 +178,14 @@ def test_export_load_round_trip(data, tmp_path):
     assert not c.config.mil_disease  # guidance follows the MIL logit's gradient: refused for a model without one
     with pytest.raises(CTVLWeightsError, match="heatmap_guidance needs mil_disease"):
         export(ckpt, tmp_path / "bad", settings=["heatmap_guidance=input_x_gradient"])
+    with pytest.raises(CTVLWeightsError, match="locate_peak_radius: expected a whole number"):
+        export(ckpt, tmp_path / "bad", settings=["locate_peak_radius=wide"])
+    with pytest.raises(CTVLInputError, match="--eval: cannot read"):
+        export(ckpt, tmp_path / "bad", eval_report=tmp_path / "no-report.json")
+    (tmp_path / "notes.txt").write_text("not json")
+    with pytest.raises(CTVLInputError, match="--calibration: not JSON"):
+        export(ckpt, tmp_path / "bad", calibration=tmp_path / "notes.txt")
+    assert not (tmp_path / "bad").exists()
     # an exported directory is a source too (its checkpoint need not be at hand), in place: new settings and
     # calibration, the same tensors, the card's training section kept verbatim
     import shutil
@@ -296,4 +304,9 @@ def test_export_refuses_a_missing_or_broken_checkpoint_in_one_line(tmp_path, cap
         assert main(["export", str(path), "--out", str(tmp_path / "w")]) == 2
         err = capsys.readouterr().err.strip()
         assert problem in err and "Traceback" not in err and len(err.splitlines()) == 1
+    empty_run = tmp_path / "run"
+    empty_run.mkdir()
+    assert main(["export", str(empty_run), "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "no checkpoint found" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "w").exists()

@@ -229,6 +229,18 @@ def test_cli_evaluate_refuses_cuda_without_a_gpu_in_one_line(setup, tmp_path, ca
     assert len(err) == 1 and "CUDA is not available" in err[0] and not out.exists()
 
 
+@pytest.mark.parametrize("flag,value,problem", [("--max-volumes", "0", "must be at least 1"),
+                                                 ("--batch-size", "-2", "must be at least 1"),
+                                                 ("--bootstrap", "many", "expected a whole number")])
+def test_cli_evaluate_refuses_counts_out_of_range(tmp_path, capsys, flag, value, problem):
+    from training.__main__ import main
+
+    out = tmp_path / "report.json"
+    with pytest.raises(SystemExit) as exit_:  # argparse: usage line + the error, exit status 2
+        main(["evaluate", "--weights", "demo", "--data", str(tmp_path), "--out", str(out), flag, value])
+    assert exit_.value.code == 2 and problem in capsys.readouterr().err and not out.exists()
+
+
 def test_intervals_resample_volumes_and_bracket_the_figures():
     from training.evaluate import intervals
     from training.metrics import mean_auroc

@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ctvl.errors import CTVLError
+from ctvl.errors import CTVLError, CTVLInputError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -87,11 +87,27 @@ def _export(args: argparse.Namespace) -> int:
     if ckpt.is_dir() and not is_weights_dir(ckpt):
         found = latest_checkpoint(ckpt)
         if found is None:
-            raise SystemExit(f"{ckpt}: no checkpoint found (expected checkpoints/step_*.pt)")
+            raise CTVLInputError(ckpt, "no checkpoint found (expected checkpoints/step_*.pt)",
+                                 "Give a run directory, a checkpoint .pt or an exported weights directory")
         ckpt = found
     path = export(ckpt, args.out, args.eval, args.calibration, args.set)
     print(f"weights -> {path}")
     return 0
+
+
+def _count(minimum: int):
+    """An argparse type: a whole number >= ``minimum`` (``--max-volumes 0`` is refused, not read as "all")."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,15 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="report.json")
     e.add_argument("--baseline", choices=["random", "prevalence", "mask"],
                    help="mask: oracle heatmaps (the phantom masks) on the token grid of --weights")
-    e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--pool-size", type=int, default=100)
-    e.add_argument("--max-volumes", type=int)
+    e.add_argument("--batch-size", type=_count(1), default=4)
+    e.add_argument("--pool-size", type=_count(1), default=100)
+    e.add_argument("--max-volumes", type=_count(1))
     e.add_argument("--threshold-rule", choices=["youden", "f1"], default="youden")
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run the model")
     e.add_argument("--cache-dir")
-    e.add_argument("--workers", type=int, default=1)
+    e.add_argument("--workers", type=_count(1), default=1)
     e.add_argument("--no-heatmaps", action="store_true")
-    e.add_argument("--bootstrap", type=int, default=1000, help="draws for the 95%% intervals over volumes (0: none)")
+    e.add_argument("--bootstrap", type=_count(0), default=1000,
+                   help="draws for the 95%% intervals over volumes (0: none)")
     e.set_defaults(run=_evaluate)
     c = sub.add_parser("calibrate", help="fit the label-grounded depth scores' weight on a validation split")
     c.add_argument("--weights", required=True, help="weights dir (exported) or 'demo'")
@@ -129,10 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--split", default="valid", help="never the split you report")
     c.add_argument("--out", help="write the fit (grid and chosen weight) to this JSON, for `export --calibration`")
     c.add_argument("--write", action="store_true", help="also set the weight in the weights dir's config.json")
-    c.add_argument("--batch-size", type=int, default=4)
-    c.add_argument("--max-volumes", type=int)
+    c.add_argument("--batch-size", type=_count(1), default=4)
+    c.add_argument("--max-volumes", type=_count(1))
     c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    c.add_argument("--workers", type=int, default=1)
+    c.add_argument("--workers", type=_count(1), default=1)
     c.set_defaults(run=_calibrate)
     f = sub.add_parser("text-features", help="a table of the frozen text tower's sentence features "
                                              "(train.text_features)")

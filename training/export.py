@@ -172,6 +172,21 @@ def apply_settings(model, items: list[str] | None) -> None:
     model.config = cfg
 
 
+def _read_json(path: str | Path, flag: str, what: str) -> dict:
+    """A JSON object from ``path``, or a one-line CTVLInputError naming ``flag``."""
+    from ctvl.errors import CTVLInputError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CTVLInputError(path, f"{flag}: cannot read ({exc.strerror or exc})", f"Give {what}") from None
+    except ValueError as exc:
+        raise CTVLInputError(path, f"{flag}: not JSON ({exc})", f"Give {what}") from None
+    if not isinstance(data, dict):
+        raise CTVLInputError(path, f"{flag}: expected a JSON object", f"Give {what}")
+    return data
+
+
 def is_weights_dir(path: str | Path) -> bool:
     """True for an exported weights directory (config.json beside model.safetensors), not a run directory."""
     return (Path(path) / "config.json").is_file() and (Path(path) / "model.safetensors").is_file()
@@ -186,8 +201,8 @@ def export(checkpoint: str | Path, out: str | Path, eval_report: str | Path | No
     from ctvl.model import save_weights
 
     model, ck = (model_from_weights if is_weights_dir(checkpoint) else model_from_checkpoint)(checkpoint)
-    report = json.loads(Path(eval_report).read_text()) if eval_report else None
-    calib = json.loads(Path(calibration).read_text()) if calibration else None
+    report = _read_json(eval_report, "--eval", "an evaluation report of `training evaluate`") if eval_report else None
+    calib = _read_json(calibration, "--calibration", "the JSON of `training calibrate --out`") if calibration else None
     if calib:
         apply_calibration(model, calib)
     apply_settings(model, settings)

@@ -294,14 +294,8 @@ class ModelConfig:
         if unknown:
             raise CTVLWeightsError(str(source), f"unknown config keys {unknown}",
                                    "these weights need a newer ctvl, or config.json was edited")
-        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-        for name, value in data.items():
-            try:
-                data[name] = check_value(types[name], value)
-            except FieldTypeError as exc:
-                raise CTVLWeightsError(str(source), f"{name}: {exc}", "fix the value in the config") from None
         try:
-            cfg = cls(**data)
+            cfg = cls(**_typed(data, source))
         except TypeError as exc:  # pragma: no cover - defensive
             raise CTVLWeightsError(str(source), f"invalid config ({exc})", "re-export the weights") from exc
         return cfg.validate(source)
@@ -324,7 +318,21 @@ class ModelConfig:
         return cls.from_dict(data, source=path)
 
     def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (type-checked like `from_dict`; call `validate` for the cross-field rules)."""
+        return dataclasses.replace(self, **_typed(changes, "config"))
+
+
+def _typed(values: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """``values`` checked against ModelConfig's field types (ctvl.fieldtypes); unknown names pass through."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(ModelConfig)}
+    out = dict(values)
+    for name, value in values.items():
+        if name in types:
+            try:
+                out[name] = check_value(types[name], value)
+            except FieldTypeError as exc:
+                raise CTVLWeightsError(str(source), f"{name}: {exc}", "fix the value in the config") from None
+    return out
 
 
 def demo_config(encoder: str = "hybrid") -> ModelConfig:
