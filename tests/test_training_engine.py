@@ -288,8 +288,12 @@ def test_fine_tune_from_weights_with_frozen_encoder(data, tmp_path):
     with pytest.raises(CTVLInputError, match="no parameter starts with"):
         train(tiny_config(data, **{"train.max_steps": 1, "train.freeze": "[visoin.]"}), tmp_path / "typo",
               progress=False)
-    with pytest.raises(CTVLInputError, match="list of parameter-name prefixes"):
+    with pytest.raises(CTVLInputError, match="train.freeze: expected a list"):
         tiny_config(data, **{"train.freeze": "vision."})
+    with pytest.raises(CTVLInputError, match="train.freeze: expected text"):
+        tiny_config(data, **{"train.freeze": "[3]"})
+    with pytest.raises(CTVLInputError, match="list of parameter-name prefixes"):  # an empty prefix would match all
+        tiny_config(data, **{"train.freeze": "['']"})
 
 
 def test_export_refuses_a_missing_or_broken_checkpoint_in_one_line(tmp_path, capsys):

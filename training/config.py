@@ -119,7 +119,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     # parameter-name prefixes kept fixed (e.g. [vision., cnn_branch., dense.] to tune the heads of an encoder from
     # init_weights); each must name at least one parameter. The text backbone is frozen by model.text_trainable_layers
-    freeze: list = field(default_factory=list)
+    freeze: list[str] = field(default_factory=list)
     # a table of the frozen text tower's sentence features (python -m training text-features): the tower is not run,
     # and a sentence outside the table stops the run (training.text_features)
     text_features: Optional[str] = None
