@@ -161,6 +161,30 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, weights, ct_path, capsys):
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
 
 
+def test_analyze_checks_its_output_folder_first_and_leaves_none_behind(tmp_path, weights, ct_path, capsys,
+                                                                        monkeypatch):
+    import ctvl.inference
+
+    def no_model(*_a, **_k):  # the checks below must fail before the model loads
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for argv, problem in [(["--out", blocker / "out"], "cannot write the output directory"),
+                          (["--out", tmp_path / "o", "--query", "nodule", "--top-k", "0"], "--top-k 0")]:
+        with monkeypatch.context() as m:
+            m.setattr(ctvl.inference, "load_model", no_model)
+            code, _, err = run_cli(["analyze", ct_path, "--model", weights, "--no-progress", *argv], capsys)
+        assert code == 2 and problem in err and len(err.strip().splitlines()) == 1, err
+    fresh, kept = tmp_path / "fresh", tmp_path / "kept"
+    kept.mkdir()
+    for out in (fresh, kept):  # a run that fails after the check removes the folder it made, not one it found
+        code, _, err = run_cli(["analyze", ct_path, "--model", weights, "--labels", "Not a disease", "--out", out,
+                                "--no-progress"], capsys)
+        assert code == 2 and "unknown label" in err
+    assert not fresh.exists() and kept.is_dir()
+
+
 def test_subprocess_error_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ctvl.cli", "analyze", str(tmp_path / "missing.nii.gz")],
                           capture_output=True, text=True, timeout=120)

@@ -66,3 +66,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_file(path) as fh:
         fh.write(data)
     return Path(path)
+
+
+def ensure_writable_dir(folder: str | Path, subdirs: tuple[str, ...] = (), flag: str = "--out") -> Path:
+    """Create ``folder`` (and ``subdirs`` in it) and prove a file can be written there, before any long work;
+    a CTVLInputError in one line otherwise. Returns the folder."""
+    from ctvl.errors import CTVLInputError
+
+    out = Path(folder)
+    try:
+        for sub in ("", *subdirs):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CTVLInputError(out, f"cannot write the output directory ({exc.strerror or exc})",
+                             f"choose a writable {flag} directory") from None
+    return out

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from ctvl.atomic import atomic_file
+from ctvl.atomic import atomic_file, ensure_writable_dir
 from ctvl.errors import CTVLInputError
 from ctvl.prompts import LABELS
 
@@ -132,15 +132,7 @@ def write_dataset(out_dir, n: int, seed: int, split: str = "train", workers: int
         raise CTVLInputError(None, f"--n must be at least 1, got {n}", "ask for one or more volumes")
     if split not in ("train", "valid", "test"):
         raise CTVLInputError(None, f"unknown split {split!r}", "use 'train', 'valid' or 'test'")
-    try:
-        for sub in ("radiology_text_reports", "multi_abnormality_labels", "metadata", "masks", split):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise CTVLInputError(out, f"cannot write the output directory ({exc.strerror or exc})",
-                             "choose a writable --out directory") from exc
+    ensure_writable_dir(out, ("radiology_text_reports", "multi_abnormality_labels", "metadata", "masks", split))
     jobs = [(str(out), int(seed), i, split, shape) for i in range(int(n))]
     bar = None
     if progress:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from pathlib import Path
 
 from ctvl.commands._common import add_model_options, progress_bar
 
@@ -26,24 +28,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
-    from ctvl.inference import check_text, load_model
-    from ctvl.io import read_volume
-    from ctvl.results import analyze
+    from ctvl.atomic import ensure_writable_dir
+    from ctvl.errors import CTVLInputError
+    from ctvl.inference import check_text
 
     queries = [check_text(q, "--query") for q in args.query]  # fail fast, before loading anything
-    with progress_bar(not args.no_progress) as progress:
-        progress(0.0, "reading volume")
-        t0 = time.perf_counter()
-        volume = read_volume(args.volume)  # bad input fails before the model loads
-        load_s = time.perf_counter() - t0
-        progress(0.05, "loading model")
-        model = load_model(args.model, device=args.device)
-        result = analyze(volume, model, args.out, queries=queries, labels=args.labels,
-                         heatmap_grid=args.heatmap_grid, heatmaps=not args.no_heatmaps, top_k=args.top_k,
-                         progress=lambda f, m: progress(0.1 + 0.9 * f, m), source=str(args.volume),
-                         load_s=load_s)
+    if args.top_k < 1:
+        raise CTVLInputError(None, f"--top-k {args.top_k}: need at least one slice", "use --top-k 1 or more")
+    created = not Path(args.out).exists()
+    ensure_writable_dir(args.out)  # an unwritable --out fails now, not after the analysis
+    try:
+        result = _analyze(args, queries)
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                Path(args.out).rmdir()
+        raise
     top = sorted(result["diseases"], key=lambda d: -d["probability"])
     print(f"{args.volume}: model {result['model']['name']} {result['model']['version']}")
     for d in top[:5]:
@@ -55,3 +55,24 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/result.json" + (f", {args.out}/overview.png" if result.get("overview") else ""))
     sys.stdout.flush()
     return 0
+
+
+def _analyze(args: argparse.Namespace, queries: list[str]) -> dict:
+    import time
+
+    from ctvl.inference import load_model
+    from ctvl.io import read_volume
+    from ctvl.results import analyze
+
+    with progress_bar(not args.no_progress) as progress:
+        progress(0.0, "reading volume")
+        t0 = time.perf_counter()
+        volume = read_volume(args.volume)  # bad input fails before the model loads
+        load_s = time.perf_counter() - t0
+        progress(0.05, "loading model")
+        model = load_model(args.model, device=args.device)
+        result = analyze(volume, model, args.out, queries=queries, labels=args.labels,
+                         heatmap_grid=args.heatmap_grid, heatmaps=not args.no_heatmaps, top_k=args.top_k,
+                         progress=lambda f, m: progress(0.1 + 0.9 * f, m), source=str(args.volume),
+                         load_s=load_s)
+    return result
