@@ -466,3 +466,18 @@ def test_encode_rejects_non_3d_volumes(shape):
 
     with pytest.raises(CTVLInputError):
         encode(Vol(np.zeros(shape, np.float32)), StubModel())
+
+
+def test_encode_preprocesses_as_the_model_was_trained():
+    """`ModelConfig.input_antialias` reaches inference: the encoder sees the prefiltered image, as in training."""
+    from ctvl.geometry import to_model_space
+
+    vol = lesion_volume("lps", shape_kji=(30, 40, 40), spacing_ijk=(1.0, 1.0, 1.5))  # finer than the 3-mm model grid
+    model = StubModel()
+    plain = encode(vol, model).model_input
+    model.config.input_antialias = True  # an instance attribute: the class's other models stay as they are
+    smoothed = encode(vol, model).model_input
+    spacing, shape, window = model.config.spacing, model.config.input_shape, model.config.hu_window
+    want, _ = to_model_space(vol, spacing, (smoothed.shape[0], *shape[1:]), window, antialias_input=True)
+    np.testing.assert_allclose(smoothed, want, atol=1e-6)
+    assert np.abs(smoothed - plain).max() > 0.05

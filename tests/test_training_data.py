@@ -207,3 +207,29 @@ def test_cached_image_sits_where_its_recorded_affine_says(tmp_path):
     for axis in range(3):
         for step in (-1, 1):
             assert np.abs(np.roll(again, step, axis)[inner] - image[inner]).mean() > 5e-3
+
+
+def test_antialiased_preprocessing_has_its_own_cache(tmp_path):
+    """`input_antialias` in the model config -> the prefiltered image in a cache of its own; the plain cache stays."""
+    from ctvl.geometry import to_model_space
+    from ctvl.io import read_volume
+    from ctvl.model import tiny_config
+
+    from training.synthetic import write_small_phantom
+
+    root = write_small_phantom(tmp_path / "ph", n=1, split="train", shape=(64, 96, 96))  # ~4 x 4 x 5 mm voxels
+    plain = Preprocess((8.0, 8.0, 8.0), (16, 24, 24), (-1000.0, 400.0))
+    smooth = Preprocess(plain.spacing, plain.shape, plain.hu_window, antialias=True)
+    assert Preprocess.from_model_config(tiny_config().replace(input_antialias=True)).antialias
+    assert not Preprocess.from_model_config(tiny_config()).antialias
+    assert smooth.key() != plain.key()
+    arrays = []
+    for pre in (plain, smooth):
+        ds = CTRateDataset(root, "train", pre, bin_depth=2)
+        ds.prepare(workers=1, progress=False)
+        arrays.append(ds.load_array(0).astype(np.float32))
+    assert len(list(ds.cache_dir.glob("*.npy"))) == 2
+    raw = read_volume(ds.records[0].path, validate=False)
+    want, _ = to_model_space(raw, smooth.spacing, smooth.shape, smooth.hu_window, antialias_input=True)
+    assert np.abs(arrays[1] - want).max() < 2e-3  # float16 cache
+    assert np.abs(arrays[0] - arrays[1]).max() > 0.02

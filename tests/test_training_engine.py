@@ -34,7 +34,8 @@ def test_loss_falls(data, tmp_path):
 
 def test_cpu_bf16_autocast_trains(data, tmp_path, monkeypatch):
     """train.cpu_amp runs the step under bf16 autocast on CPU (off by default; `auto` only where the CPU does bf16
-    in hardware) and the loss still falls (here with an extra input window too); the model card names each."""
+    in hardware) and the loss still falls (here with an extra input window and anti-aliased preprocessing too); the
+    model card names each."""
     from training import engine
 
     seen = []
@@ -53,7 +54,7 @@ def test_cpu_bf16_autocast_trains(data, tmp_path, monkeypatch):
     over.update({"train.cpu_amp": "true", "model.input_windows_hu": "[[-160, 240]]",
                  "model.input_blob_scales_mm": "[8.0, 16.0]", "model.density_edges_hu": "[-500, 200]",
                  "model.blob_tokens": "true", "model.mil_disease": "true", "loss.mil.enabled": "true",
-                 "model.blob_readout": "true"})
+                 "model.blob_readout": "true", "model.input_antialias": "true"})
     summary = engine.train(tiny_config(data, **over), tmp_path / "bf16", progress=False)
     assert seen and all(seen)
     seen.clear()
@@ -73,6 +74,7 @@ def test_cpu_bf16_autocast_trains(data, tmp_path, monkeypatch):
     assert "autocast bf16 on GPU, steps in bf16 on cpu" in cards[1] and "steps in fp32 on cpu" in cards[2]
     assert "re-windowed" not in cards[0] and "re-windowed to [-160.0, 240.0] HU" in cards[1]
     assert "blobness" not in cards[0] and "Hessian blobness at 8.0 mm, Hessian blobness at 16.0 mm" in cards[1]
+    assert "anti-aliasing" not in cards[0] and "Gaussian anti-aliasing prefilter, then linear" in cards[1]
     assert "blobness maximum per token" in cards[1] and "per-label blobness readout" in cards[1]
     readout = final_state(tmp_path / "bf16")["evidence_weights"]
     assert readout.shape == (len(LABELS), 2) and readout.abs().sum() > 0  # trained from zero by the MIL term

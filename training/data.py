@@ -150,6 +150,7 @@ class Preprocess:
     shape: tuple[int, int, int]
     hu_window: tuple[float, float]
     blob_scales_mm: tuple[float, ...] = ()
+    antialias: bool = False  # ctvl.geometry.antialias before resampling (ModelConfig.input_antialias)
 
     @classmethod
     def from_model_config(cls, mc: Any) -> Preprocess:
@@ -159,10 +160,12 @@ class Preprocess:
             tuple(int(x) for x in get("input_shape")),
             tuple(float(x) for x in get("hu_window")),
             tuple(float(x) for x in get("input_blob_scales_mm", ()) or ()),
+            bool(get("input_antialias", False)),
         )
 
     def key(self) -> str:
-        text = json.dumps([CACHE_VERSION, self.spacing, self.shape, self.hu_window])
+        fields = [CACHE_VERSION, self.spacing, self.shape, self.hu_window] + (["antialias"] if self.antialias else [])
+        text = json.dumps(fields)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
     def blob_key(self) -> str:
@@ -214,7 +217,8 @@ def preprocess_volume(path: Path, meta: dict | None, pre: Preprocess) -> tuple[n
     from ctvl.geometry import to_model_space
 
     vol = load_ctrate_volume(path, meta)
-    arr, model_affine = to_model_space(vol, pre.spacing, pre.shape, hu_window=pre.hu_window)
+    arr, model_affine = to_model_space(vol, pre.spacing, pre.shape, hu_window=pre.hu_window,
+                                       antialias_input=pre.antialias)
     info = {
         "model_ijk_to_ras": np.asarray(model_affine, dtype=np.float64).tolist(),
         "n_slices": vol.n_slices,

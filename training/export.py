@@ -54,6 +54,8 @@ def model_card(ck: dict, eval_report: dict | None, calibration: dict | None = No
         "## Model",
         f"- encoder {mc.get('encoder')}, input {mc.get('input_shape')} voxels at {mc.get('spacing')} mm, "
         f"HU window {mc.get('hu_window')}, shared dim {mc.get('shared_dim')}, text model {mc.get('text_model')}",
+        "- preprocessing: " + ("Gaussian anti-aliasing prefilter, then " if mc.get("input_antialias") else "")
+        + "linear resampling onto the model grid",
         f"- token-level (MIL) disease scores: {'on' if mc.get('mil_disease') else 'off'}; CT densitometry bands: "
         + (f"{len(mc['density_edges_hu']) + 1} (edges {list(mc['density_edges_hu'])} HU)"
            if mc.get("density_edges_hu") else "off")

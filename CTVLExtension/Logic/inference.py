@@ -119,7 +119,8 @@ def encode(volume: Volume, model: torch.nn.Module, progress: ProgressFn | None =
     steps.report(0.0, "preprocessing")
     patch_d = _patch_size(model)[0]
     total_d, starts = plan_windows(z_extent_voxels(volume, spacing[0]), depth, patch_d)
-    array, grid = to_model_space(volume, spacing, (total_d, height, width), hu_window=window)
+    array, grid = to_model_space(volume, spacing, (total_d, height, width), hu_window=window,
+                                 antialias_input=bool(_cfg(model, "input_antialias", default=False)))
     array = np.ascontiguousarray(array, dtype=np.float32)
     timing["preprocess"] = time.perf_counter() - t0
     steps.report(0.1, f"encoding {len(starts)} window(s)")
