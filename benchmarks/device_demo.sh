@@ -13,13 +13,17 @@
 #   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d /tmp/sitk SimpleITK && (cd /tmp/sitk && unzip -qo simpleitk-*.whl) &&
 #       tar -C /tmp/sitk -cJf .gpu/simpleitk.tar.xz SimpleITK
-# Then: run(command="bash benchmarks/device_demo.sh", carry=[".gpu"], timeout_s=600). $OUT returns the exported
-# weights (config.json, model.safetensors, prompts.json, card.md), log.csv and log.txt. Here, copy the four weights
-# files to runs/gpu-demo/weights and calibrate --write on valid and evaluate valid and test with the real tower
-# (README, Training). Replace the embedded model only if, on valid, AUROC + pointing game beat its 0.887 + 0.450
+# Then: run(command="bash benchmarks/device_demo.sh", carry=[".gpu"], timeout_s=600). A call brings back at most 8
+# files, so $OUT holds log.txt (with each run's last log lines), prompts.json (the config's, the same for every run)
+# and, per run, <variant>/config.json, model.safetensors and log.csv. Here, copy a run's two weights files and
+# prompts.json to runs/<variant>/weights, calibrate --write on valid and evaluate valid with the real tower
+# (README, Training). Replace the embedded model only if, on valid, AUROC + pointing game beat its 0.887 + 0.577
 # while R@10 >= 0.5 and localization <= 10 mm with >= 70% inside (the rule fixed before these runs); then test.
-# Environment: STEPS (default: the config's), EXTRA (more --override flags), DEVICE (cuda), N_TRAIN (800),
+# Environment: STEPS (default: the config's), EXTRA (more --override flags), VARIANTS (several runs side by side:
+# "name=flags;name2=flags2"; default "demo=$EXTRA"), DEVICE (cuda), N_TRAIN (800),
 # N_VALID (100), WORKERS (16), TRAIN_TIMEOUT (420 s), PY (python3).
+# The next question for it (README, Limits): does a finer in-plane grid read the labels the 4.4 mm one misses?
+#   VARIANTS="base=;fine=$(cat benchmarks/fine_grid.flags)" TRAIN_TIMEOUT=480 bash benchmarks/device_demo.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/device_demo}
@@ -63,15 +67,34 @@ $PY -m ctvl.cli phantom --out "$DATA" --n "$N_VALID" --seed 2 --split valid --wo
 stamp "train"
 steps=()
 [ -n "${STEPS:-}" ] && steps=(--override "train.max_steps=$STEPS")
-timeout "$TRAIN_TIMEOUT" $PY -m training train --config training/configs/phantom-demo.yaml --data "$DATA" --out "$RUN" \
-  --no-progress --override "train.text_features=$ROOT/.gpu/text_features.safetensors" --override "train.device=$DEVICE" \
-  --override "data.cache_workers=$WORKERS" --override data.num_workers=8 --override train.checkpoint_every=100 \
-  "${steps[@]}" ${EXTRA:-} >> "$OUT/log.txt" 2>&1
-echo "train rc=$?" | tee -a "$OUT/log.txt"
-cp "$RUN/log.csv" "$OUT/log.csv" 2>/dev/null
+# VARIANTS="name=--override a=b --override c=d;name2=..." trains each side by side on the one GPU (the demo model
+# leaves most of it idle); default: one run, "demo", with $EXTRA
+IFS=';' read -r -a variants <<< "${VARIANTS:-demo=${EXTRA:-}}"
+workers=$(( WORKERS / ${#variants[@]} ))
+pids=()
+for v in "${variants[@]}"; do
+  name=${v%%=*}; flags=${v#*=}
+  mkdir -p "$OUT/$name"
+  # shellcheck disable=SC2086  # the flags are words
+  timeout "$TRAIN_TIMEOUT" $PY -m training train --config training/configs/phantom-demo.yaml --data "$DATA" \
+    --out "$RUN/$name" --no-progress --override "train.text_features=$ROOT/.gpu/text_features.safetensors" \
+    --override "train.device=$DEVICE" --override "data.cache_workers=$workers" --override data.num_workers=4 \
+    --override train.checkpoint_every=100 "${steps[@]}" $flags > "$OUT/$name/log.txt" 2>&1 &
+  pids+=($!)
+done
+for i in "${!variants[@]}"; do
+  wait "${pids[$i]}"; echo "train ${variants[$i]%%=*} rc=$?" | tee -a "$OUT/log.txt"
+done
 
 stamp "export"
-$PY -m training export "$RUN" --out "$RUN/weights" >> "$OUT/log.txt" 2>&1 &&
-  cp "$RUN"/weights/{config.json,model.safetensors,prompts.json,card.md} "$OUT/" || exit 1
-tail -3 "$OUT/log.csv" 2>/dev/null
+for v in "${variants[@]}"; do
+  name=${v%%=*}
+  tail -n 3 "$OUT/$name/log.txt" | sed "s/^/[$name] /" >> "$OUT/log.txt"
+  mv "$OUT/$name/log.txt" "$RUN/$name/train.txt" 2>/dev/null
+  cp "$RUN/$name/log.csv" "$OUT/$name/log.csv" 2>/dev/null
+  $PY -m training export "$RUN/$name" --out "$RUN/$name/weights" >> "$OUT/log.txt" 2>&1 &&
+    cp "$RUN/$name"/weights/{config.json,model.safetensors} "$OUT/$name/" &&
+    cp "$RUN/$name/weights/prompts.json" "$OUT/" || echo "export $name failed" | tee -a "$OUT/log.txt"
+  tail -n 2 "$OUT/$name/log.csv" 2>/dev/null
+done
 stamp "done"
