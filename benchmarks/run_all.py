@@ -8,7 +8,8 @@ import sys
 
 SCRIPTS = ["benchmarks/phantom_speed.py", "benchmarks/miner_quality.py", "benchmarks/mining_agreement.py",
            "benchmarks/model_speed.py", "benchmarks/inference_speed.py"]
-MODULES = ["benchmarks.quality", "benchmarks.density_probe", "benchmarks.feature_probe"]
+MODULES = ["benchmarks.quality", "benchmarks.density_probe", "benchmarks.feature_probe",
+           "benchmarks.resolution_probe"]
 
 
 def main() -> int:

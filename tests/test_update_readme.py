@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.update_readme import probe_line, quality_section
+from benchmarks.update_readme import probe_line, quality_section, resolution_line
 
 
 def _quality() -> dict:
@@ -49,3 +49,15 @@ def test_probe_line_names_the_best_probe_and_the_models_weakest_labels():
     assert "at most 0.717 (x)" in line and "against the model's 0.773" in line
     # the five weakest by the model's AUROC, a label without one last; each with the best probe on that label
     assert line.endswith("b 0.50 / 0.60, d 0.60 / 0.65, g 0.70 / 0.60, a 0.90 / 0.80, c 0.95 / 0.90.")
+
+
+def test_resolution_line_shows_each_voxel_source_on_the_short_labels():
+    labels = ["Emphysema", "Pulmonary fibrotic sequela", "Bronchiectasis", "Peribronchial thickening"]
+    rp = {"labels": labels, "native": [0.9, 0.52, 0.61, 0.62], "model_grid": [0.9, 0.62, 0.70, 0.60],
+          "model_grid_antialiased": [1.0, 0.60, 0.60, 0.65]}
+    line = resolution_line(rp)
+    assert "0.662 on the scans' own voxels, 0.705 on the model grid, 0.713 on the anti-aliased model grid" in line
+    assert "pulmonary fibrotic sequela 0.52 / 0.62 / 0.60; bronchiectasis 0.61 / 0.70 / 0.60" in line
+    assert "do not read them better (mean change -0.06)" in line
+    rp["native"] = [0.9, 0.80, 0.80, 0.80]
+    assert "read them better (mean change +0.16)" in resolution_line(rp)
