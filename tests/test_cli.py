@@ -111,8 +111,9 @@ def test_locate_and_info(weights, ct_path, capsys):
     info = json.loads(out)
     assert code == 0 and info["labels"] == list(LABELS) and info["model"]["name"] == "tiny-hybrid"
     assert info["device"] == "cpu" or info["device"].startswith("cuda")
+    assert info["antialias"] is False  # the tiny model resamples without the prefilter
     code, out, _ = run_cli(["info", "--model", weights, "--device", "cpu"], capsys)
-    assert code == 0 and "Lung nodule" in out
+    assert code == 0 and "Lung nodule" in out and "anti-aliased" not in out
 
 
 def _bad_inputs(tmp: Path) -> dict[str, Path]:

@@ -31,6 +31,7 @@ def model_info(model: Any, model_arg: str) -> dict[str, Any]:
         "input_shape_dhw": list(shape),
         "spacing_dhw_mm": list(spacing),
         "hu_window": list(window),
+        "antialias": bool(getattr(cfg, "input_antialias", False)),  # Gaussian prefilter before resampling
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "labels": list(getattr(cfg, "labels", None) or LABELS),
     }
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     m = info["model"]
     print(f"model:    {m['name']} {m['version']} ({m['source']}, encoder {m['encoder']})")
     print(f"device:   {info['device']}")
-    print(f"input:    {info['input_shape_dhw']} voxels at {info['spacing_dhw_mm']} mm, HU window {info['hu_window']}")
+    print(f"input:    {info['input_shape_dhw']} voxels at {info['spacing_dhw_mm']} mm, HU window {info['hu_window']}"
+          + (", anti-aliased" if info["antialias"] else ""))
     print(f"params:   {info['parameters']:,}")
     print(f"labels ({len(info['labels'])}):")
     for label in info["labels"]:
