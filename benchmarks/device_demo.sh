@@ -22,8 +22,11 @@
 # Environment: STEPS (default: the config's), EXTRA (more --override flags), VARIANTS (several runs side by side:
 # "name=flags;name2=flags2"; default "demo=$EXTRA"), DEVICE (cuda), N_TRAIN (800),
 # N_VALID (100), WORKERS (16), TRAIN_TIMEOUT (420 s), PY (python3).
+# RESUME=1 continues each run from its last checkpoint (every 100 steps): a run longer than one call (600 s) goes
+# on in the next call while the machine is warm, which also keeps the corpus and its cache (not regenerated).
 # The next question for it (README, Limits): does a finer in-plane grid read the labels the 4.4 mm one misses?
-#   VARIANTS="base=;fine=$(cat benchmarks/fine_grid.flags)" TRAIN_TIMEOUT=480 bash benchmarks/device_demo.sh
+#   VARIANTS="fine=$(cat benchmarks/fine_grid.flags)" TRAIN_TIMEOUT=480 bash benchmarks/device_demo.sh
+#   then at once, if it stopped short: RESUME=1 VARIANTS=... bash benchmarks/device_demo.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/device_demo}
@@ -58,15 +61,20 @@ $PY -c "import torch, transformers, SimpleITK; print('torch', torch.__version__,
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', 'transformers', transformers.__version__)" \
   | tee -a "$OUT/log.txt"
 
-stamp "phantom corpus"
-$PY -m ctvl.cli phantom --out "$DATA" --n "$N_TRAIN" --seed 1 --split train --workers "$WORKERS" --no-progress \
-  >> "$OUT/log.txt" 2>&1 &&
-$PY -m ctvl.cli phantom --out "$DATA" --n "$N_VALID" --seed 2 --split valid --workers "$WORKERS" --no-progress \
-  >> "$OUT/log.txt" 2>&1 || exit 1
+if [ -f "$DATA/.device_demo_corpus" ] && [ "$(cat "$DATA/.device_demo_corpus")" = "$N_TRAIN $N_VALID" ]; then
+  stamp "phantom corpus: reusing $DATA (a warm machine keeps it, and its cache, between calls)"
+else
+  stamp "phantom corpus"
+  $PY -m ctvl.cli phantom --out "$DATA" --n "$N_TRAIN" --seed 1 --split train --workers "$WORKERS" --no-progress \
+    >> "$OUT/log.txt" 2>&1 &&
+  $PY -m ctvl.cli phantom --out "$DATA" --n "$N_VALID" --seed 2 --split valid --workers "$WORKERS" --no-progress \
+    >> "$OUT/log.txt" 2>&1 && echo "$N_TRAIN $N_VALID" > "$DATA/.device_demo_corpus" || exit 1
+fi
 
 stamp "train"
 steps=()
 [ -n "${STEPS:-}" ] && steps=(--override "train.max_steps=$STEPS")
+[ "${RESUME:-0}" = 1 ] && steps+=(--resume)
 # VARIANTS="name=--override a=b --override c=d;name2=..." trains each side by side on the one GPU (the demo model
 # leaves most of it idle); default: one run, "demo", with $EXTRA
 IFS=';' read -r -a variants <<< "${VARIANTS:-demo=${EXTRA:-}}"
