@@ -7,7 +7,8 @@ Per scan, the share of voxels in each of the demo model's 21 HU bands (`DEMO_DEN
 along the scan axis x left/right halves), as log fractions, from (a) the NIfTI's own voxels (the phantoms: ~1.5 mm
 in-plane, 2.3 mm slices), (b) the 96x80x80 model grid at 3.2x4.4x4.4 mm after linear resampling (what the demo model
 sees) and (c) the same grid after `ctvl.geometry.antialias`. A logistic regression per label (standardised, C=0.1)
-is fitted on `train` and scored on `valid` (AUROC). If the short labels (fibrotic sequelae, bronchiectasis,
+is fitted on `train` and scored on `valid` (AUROC;
+`benchmarks.density_probe.density_linear`). If the short labels (fibrotic sequelae, bronchiectasis,
 peribronchial thickening) gained from (a), finer intensity statistics would be the lever; if not, what they need is
 shape (a wall around a lumen, a strand that is not a vessel), which only a finer encoder grid can see. Prints the
 table and writes benchmarks/results/resolution_probe.json. About 9 min on 2 cores for 900 scans.
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import RESULTS, write_json
+from benchmarks.density_probe import density_linear
 
 log = logging.getLogger("resolution_probe")
 SOURCES = ("native", "model_grid", "model_grid_antialiased")
@@ -72,19 +74,6 @@ def split_features(root: Path, split: str, workers: int) -> tuple[np.ndarray, np
     return feats, np.stack([r.labels for r in ds.records]).astype(np.float32)
 
 
-def probe(ft: np.ndarray, yt: np.ndarray, fv: np.ndarray, yv: np.ndarray) -> list[float]:
-    from sklearn.linear_model import LogisticRegression
-
-    from training.metrics import auroc
-
-    mean, std = ft.mean(0), ft.std(0) + 1e-6
-    out = []
-    for k in range(yt.shape[1]):
-        fit = LogisticRegression(C=0.1, max_iter=3000).fit((ft - mean) / std, yt[:, k])
-        out.append(auroc(yv[:, k], fit.decision_function((fv - mean) / std)))
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data/phantom")
@@ -99,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     fv, yv = split_features(root, "valid", args.workers)
     result = {"data": str(root), "n_train": len(ft), "n_valid": len(fv), "labels": list(LABELS)}
     for i, source in enumerate(SOURCES):
-        result[source] = probe(ft[:, i], yt, fv[:, i], yv)
+        result[source] = density_linear(ft[:, i], yt, fv[:, i], yv)
     print("linear probe on regional HU-band fractions, mean validation AUROC: "
           + ", ".join(f"{s} {np.nanmean(result[s]):.3f}" for s in SOURCES))
     print(f"  {'label':36s} " + " ".join(f"{s:>22s}" for s in SOURCES))

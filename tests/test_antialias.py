@@ -24,8 +24,9 @@ def test_sigmas_follow_each_voxel_axis_to_its_patient_axis():
     sig = antialias_sigmas_mm(Volume(np.zeros((4, 4, 4), np.float32), coronal), MODEL_SPACING)
     np.testing.assert_allclose(sig, [1.8, 1.1, 1.2])
     # input coarser than the model grid: no smoothing
-    coarse = _affine(np.eye(3), (5.0, 5.0, 5.0))
-    assert not antialias_sigmas_mm(Volume(np.zeros((4, 4, 4), np.float32), coarse), MODEL_SPACING).any()
+    coarse = Volume(np.zeros((4, 4, 4), np.int16), _affine(np.eye(3), (5.0, 5.0, 5.0)))
+    assert not antialias_sigmas_mm(coarse, MODEL_SPACING).any()
+    assert antialias(coarse, MODEL_SPACING) is coarse  # nothing to do: no copy, no float conversion
 
 
 def test_antialias_keeps_the_mean_and_geometry_and_smooths_only_along_coarsened_axes():
