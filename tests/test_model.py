@@ -510,6 +510,21 @@ def test_blobness_answers_a_ball_not_a_tube_of_the_same_radius():
     assert flat.abs().max() < 1e-4  # nothing on a uniform image
 
 
+def test_blobness_separable_filter_equals_conv3d_on_replicated_edges():
+    import torch.nn.functional as F
+    from ctvl.model.blobness import correlate1d, gaussian_derivative_kernels
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 9, 11, 13)
+    for dim in (2, 3, 4):
+        for taps in gaussian_derivative_kernels(1.3, 2.2):  # 11 asymmetric (first derivative) and symmetric taps
+            shape, pad = [1, 1, 1, 1, 1], [0] * 6
+            shape[dim] = taps.numel()
+            pad[2 * (4 - dim)] = pad[2 * (4 - dim) + 1] = taps.numel() // 2
+            want = F.conv3d(F.pad(x, pad, mode="replicate"), taps.reshape(shape))
+            torch.testing.assert_close(correlate1d(x, taps.tolist(), dim), want)
+
+
 def test_blobness_channels_are_computed_or_taken_precomputed(images, tmp_path):
     cfg = tiny_config("hybrid").replace(input_blob_scales_mm=(3.0, 6.0), density_edges_hu=(-500.0,))
     assert cfg.input_channels() == 3 and ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
