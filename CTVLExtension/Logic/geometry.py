@@ -11,6 +11,7 @@ Conventions (used everywhere in `ctvl`, Slicer and SimpleITK agree with them):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -254,7 +255,8 @@ def antialias(volume: Volume, spacing_dhw: Sequence[float]) -> Volume:
     """``volume`` (float32) smoothed by `antialias_sigmas_mm`: linear resampling 3x coarser samples one input voxel
     in three, so a 1-2 mm bronchial wall or fibrotic strand lands in the model grid or not by its position alone;
     after the prefilter every structure leaves its partial volume in the samples near it. ``volume`` itself when
-    the model grid is nowhere coarser. Cost: 6.3 s for a 512x512x300 CT on 2 cores (linear resampling: 0.2 s)."""
+    the model grid is nowhere coarser. `to_model_space` needs it only for oblique scans (5 s for a 512x512x300 CT
+    on 2 cores); axis-parallel ones are filtered and sampled in one pass (`separable_plan`: 0.16 s, the same result)."""
     sigmas = antialias_sigmas_mm(volume, spacing_dhw)
     if not np.any(sigmas > 0):
         return volume
@@ -263,6 +265,120 @@ def antialias(volume: Volume, spacing_dhw: Sequence[float]) -> Volume:
     # DiscreteGaussian (not the recursive filter) stays exact for sigmas under a voxel; variance in mm^2
     smoothed = sitk.DiscreteGaussian(image, [float(s) ** 2 for s in sigmas], 32, 0.01, True)
     return Volume(sitk.GetArrayFromImage(smoothed), volume.ijk_to_ras.copy())
+
+
+def discrete_gaussian_taps(sigma_vox: float, max_error: float = 0.01, max_width: int = 32) -> np.ndarray:
+    """Symmetric taps of Lindeberg's discrete Gaussian, exp(-t) I_n(t) with t = sigma^2 (voxels^2), truncated where
+    the taps sum to 1 - ``max_error`` (or at ``max_width`` taps a side) and renormalised: the kernel of
+    ``SimpleITK.DiscreteGaussian`` with the same arguments. ``[1.0]`` for sigma 0."""
+    from scipy.special import ive
+
+    t = float(sigma_vox) ** 2
+    if t <= 0.0:
+        return np.ones(1)
+    half = [float(ive(0, t))]
+    total = half[0]
+    while total < 1.0 - max_error and len(half) <= max_width:
+        half.append(float(ive(len(half), t)))
+        total += 2.0 * half[-1]
+    taps = np.array(half[:0:-1] + half)
+    return taps / taps.sum()
+
+
+def linear_weights(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """[len(coords), n] linear-interpolation weights (clamped at the edges) and the mask of coords inside."""
+    inside = (coords >= -0.5) & (coords <= n - 0.5)
+    c = np.clip(coords, 0.0, n - 1.0)
+    lo = np.minimum(np.floor(c).astype(np.int64), max(n - 2, 0))
+    frac = c - lo
+    w = np.zeros((len(coords), n), dtype=np.float32)
+    rows = np.arange(len(coords))
+    w[rows, lo] = 1.0 - frac
+    if n > 1:
+        w[rows, lo + 1] += frac
+    return w, inside
+
+
+def _smoothing_matrix(n: int, sigma_vox: float) -> np.ndarray:
+    """[n, n]: `discrete_gaussian_taps` along one axis of n samples, edges replicated (ITK's zero-flux Neumann)."""
+    taps = discrete_gaussian_taps(sigma_vox)
+    radius = len(taps) // 2
+    g = np.zeros((n, n))
+    rows = np.arange(n)
+    for k, w in enumerate(taps):
+        np.add.at(g, (rows, np.clip(rows + k - radius, 0, n - 1)), w)
+    return g
+
+
+def _contract(x: np.ndarray, axis: int, w: np.ndarray) -> np.ndarray:
+    """x with its ``axis`` (0, 1 or 2) replaced by w [n_out, n_in] @ it; contiguous in, contiguous out, no copy."""
+    p, q, r = x.shape
+    if axis == 0:
+        return (w @ x.reshape(p, q * r)).reshape(-1, q, r)
+    if axis == 1:
+        return np.matmul(w, x)
+    return (x.reshape(p * q, r) @ w.T).reshape(p, q, -1)
+
+
+@dataclass(frozen=True)
+class SeparablePlan:
+    """Resampling between two axis-parallel grids as one matrix per output axis (numpy order k, j, i).
+
+    ``src_axes[n]``: the source numpy axis that output axis n samples; ``weights[n]``: [n_out, n_src];
+    ``inside[n]``: the output positions that fall inside the source along that axis."""
+
+    src_axes: tuple[int, int, int]
+    weights: tuple[np.ndarray, np.ndarray, np.ndarray]
+    inside: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+    def apply(self, array: np.ndarray, fill: float) -> np.ndarray:
+        """float32 [k, j, i] on the plan's destination grid: three matrix products, in the cheapest order."""
+        x = np.ascontiguousarray(np.transpose(array, self.src_axes), dtype=np.float32)
+
+        def cost(order: tuple[int, ...]) -> int:  # multiply-adds
+            dims, total = list(x.shape), 0
+            for axis in order:
+                dims[axis] = self.weights[axis].shape[0]
+                total += int(np.prod(dims)) * x.shape[axis]
+            return total
+
+        for axis in min(itertools.permutations(range(3)), key=cost):
+            x = _contract(x, axis, self.weights[axis])
+        for axis, mask in enumerate(self.inside):  # an interval along each axis: fill the slabs on either side
+            inside = np.flatnonzero(mask)
+            lo, hi = (int(inside[0]), int(inside[-1]) + 1) if inside.size else (0, 0)
+            for part in (slice(0, lo), slice(hi, None)):
+                index: list = [slice(None)] * 3
+                index[axis] = part
+                x[tuple(index)] = fill
+        return x
+
+
+def separable_plan(src_ijk_to_ras: np.ndarray, src_shape_kji: Sequence[int], dst_ijk_to_ras: np.ndarray,
+                   dst_shape_kji: Sequence[int], sigmas_ijk_vox: Sequence[float] | None = None) -> SeparablePlan | None:
+    """Linear resampling (as SimpleITK's: clamped at the edges, inside to half a voxel beyond the centres) from the
+    source grid onto the destination grid, optionally after a discrete Gaussian of ``sigmas_ijk_vox`` source voxels
+    per source axis (i, j, k); None when the grids are not parallel (oblique or tilted scans)."""
+    a = np.linalg.inv(np.asarray(src_ijk_to_ras, dtype=np.float64)) @ np.asarray(dst_ijk_to_ras, dtype=np.float64)
+    lin = a[:3, :3]  # dst ijk -> src ijk
+    absl = np.abs(lin)
+    dst_of = np.argmax(absl, axis=1)  # src ijk axis t <- dst ijk axis dst_of[t]
+    off = absl.copy()
+    off[np.arange(3), dst_of] = 0.0
+    if sorted(dst_of.tolist()) != [0, 1, 2] or off.max() > 1e-6 * absl.max():
+        return None
+    src_shape_ijk, dst_shape_ijk = tuple(src_shape_kji)[::-1], tuple(dst_shape_kji)[::-1]
+    src_axes, weights, inside = [0, 0, 0], [None, None, None], [None, None, None]
+    for t in range(3):
+        p = int(dst_of[t])
+        coords = lin[t, p] * np.arange(dst_shape_ijk[p], dtype=np.float64) + a[t, 3]
+        w, mask = linear_weights(coords, src_shape_ijk[t])
+        if sigmas_ijk_vox is not None and sigmas_ijk_vox[t] > 0:
+            w = (w.astype(np.float64) @ _smoothing_matrix(src_shape_ijk[t], sigmas_ijk_vox[t])).astype(np.float32)
+        src_axes[2 - p], weights[2 - p], inside[2 - p] = 2 - t, w, mask
+    return SeparablePlan(tuple(src_axes), tuple(weights), tuple(inside))
+
+
 
 
 def to_model_space(
@@ -276,10 +392,15 @@ def to_model_space(
     """The one preprocessing shared by training and inference.
 
     Resample (linear) onto `model_grid`, window HU to [0, 1]; with ``antialias_input`` a Gaussian prefilter first
-    (`antialias`). Returns ``(float32 array [D, H, W], model ijk_to_ras)``.
+    (`antialias_sigmas_mm`; one pass of three matrix products for axis-parallel scans, `antialias` then SimpleITK
+    for oblique ones). Returns ``(float32 array [D, H, W], model ijk_to_ras)``.
     """
     grid = model_grid(volume, spacing_dhw, shape_dhw)
     if antialias_input:
+        sigmas = antialias_sigmas_mm(volume, spacing_dhw)
+        plan = separable_plan(volume.ijk_to_ras, volume.array.shape, grid, shape_dhw, sigmas / volume.spacing)
+        if plan is not None:  # axis-parallel scans (nearly all): filter and sample in one pass
+            return np.ascontiguousarray(window(plan.apply(volume.array, fill), hu_window)), grid
         volume = antialias(volume, spacing_dhw)
     resampled = resample(volume, grid, shape_dhw, order=1, fill=fill, dtype=np.float32)
     return np.ascontiguousarray(window(resampled.array, hu_window)), grid

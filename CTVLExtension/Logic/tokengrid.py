@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import torch
-from ctvl.geometry import Volume
+from ctvl.geometry import Volume, separable_plan
 
 
 def z_extent_voxels(volume: Volume, spacing_d: float) -> int:
@@ -45,51 +45,8 @@ def hat_weights(n: int) -> np.ndarray:
     return np.minimum(t + 1.0, n - t)
 
 
-def linear_weights(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """[len(coords), n] linear-interpolation weights (clamped at the edges) and the mask of coords inside."""
-    inside = (coords >= -0.5) & (coords <= n - 0.5)
-    c = np.clip(coords, 0.0, n - 1.0)
-    lo = np.minimum(np.floor(c).astype(np.int64), max(n - 2, 0))
-    frac = c - lo
-    w = np.zeros((len(coords), n), dtype=np.float32)
-    rows = np.arange(len(coords))
-    w[rows, lo] = 1.0 - frac
-    if n > 1:
-        w[rows, lo + 1] += frac
-    return w, inside
-
-
 def separable_resample(src: torch.Tensor, src_ijk_to_ras: np.ndarray, dst_ijk_to_ras: np.ndarray,
                        shape_kji: tuple[int, int, int], fill: float) -> np.ndarray | None:
     """Trilinear resampling of ``src`` [k, j, i] onto an axis-parallel grid, or None when the grids are oblique."""
-    a = np.linalg.inv(src_ijk_to_ras) @ dst_ijk_to_ras  # dst ijk -> src ijk
-    lin = a[:3, :3]
-    absl = np.abs(lin)
-    axis_of = np.argmax(absl, axis=1)  # src axis t <- dst axis axis_of[t]
-    off = absl.copy()
-    off[np.arange(3), axis_of] = 0.0
-    if sorted(axis_of.tolist()) != [0, 1, 2] or off.max() > 1e-6 * absl.max():
-        return None
-    dst_shape_ijk = shape_kji[::-1]
-    src_shape_ijk = tuple(src.shape[::-1])
-    weights, masks = {}, {}
-    for t in range(3):  # src axis (i, j, k)
-        p = int(axis_of[t])  # dst axis
-        coords = lin[t, p] * np.arange(dst_shape_ijk[p], dtype=np.float64) + a[t, 3]
-        weights[p], masks[p] = linear_weights(coords, src_shape_ijk[t])
-        weights[p] = torch.from_numpy(weights[p])
-    # src numpy axes ordered by the dst numpy axis (k, j, i) they map to, then three contractions, the largest last
-    # so the output is written contiguously: [X,p]x[p,q,r] -> [X,Y,r] -> [X*Y, r] @ [r, Z].
-    src_np_axis_for_dst = [2 - int(np.where(axis_of == 2 - n)[0][0]) for n in range(3)]
-    t = src.detach().float().cpu().permute(*src_np_axis_for_dst).contiguous()
-    wx, wy, wz = (weights[2 - n] for n in range(3))
-    u = torch.tensordot(wx, t, dims=([1], [0]))  # [X, q, r]
-    v = torch.einsum("Yq,Xqr->XYr", wy, u).contiguous()  # [X, Y, r]
-    out = (v.reshape(-1, v.shape[-1]) @ wz.t()).reshape(shape_kji)
-    for p in range(3):  # dst ijk axis p is numpy axis 2 - p
-        bad = torch.from_numpy(~masks[p])
-        if bad.any():
-            index: list = [slice(None)] * 3
-            index[2 - p] = bad
-            out[tuple(index)] = fill
-    return out.numpy()
+    plan = separable_plan(src_ijk_to_ras, tuple(src.shape), dst_ijk_to_ras, shape_kji)
+    return None if plan is None else plan.apply(src.detach().float().cpu().numpy(), fill)
