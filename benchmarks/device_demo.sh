@@ -24,9 +24,10 @@
 # N_VALID (100), WORKERS (16), TRAIN_TIMEOUT (420 s), PY (python3).
 # RESUME=1 continues each run from its last checkpoint (every 100 steps): a run longer than one call (600 s) goes
 # on in the next call while the machine is warm, which also keeps the corpus and its cache (not regenerated).
-# The next question for it (README, Limits): does a finer in-plane grid read the labels the 4.4 mm one misses?
-#   VARIANTS="fine=$(cat benchmarks/fine_grid.flags)" TRAIN_TIMEOUT=480 bash benchmarks/device_demo.sh
-#   then at once, if it stopped short: RESUME=1 VARIANTS=... bash benchmarks/device_demo.sh
+# E.g. the 2.2 mm in-plane demo (README, Limits: it did not read the labels the 4.4 mm grid misses), one H200 call:
+#   VARIANTS="fine=$(cat benchmarks/fine_grid.flags)" TRAIN_TIMEOUT=470 bash benchmarks/device_demo.sh
+#   (565 s: 76 s of phantoms, then caching at 2.2 mm and 1700 steps in 440 s); if a run stops short, at once:
+#   RESUME=1 VARIANTS=... bash benchmarks/device_demo.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/device_demo}
