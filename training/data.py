@@ -150,7 +150,7 @@ class Preprocess:
     shape: tuple[int, int, int]
     hu_window: tuple[float, float]
     blob_scales_mm: tuple[float, ...] = ()
-    antialias: bool = False  # ctvl.geometry.antialias before resampling (ModelConfig.input_antialias)
+    antialias: bool = False  # the Gaussian prefilter of to_model_space (ModelConfig.input_antialias)
 
     @classmethod
     def from_model_config(cls, mc: Any) -> Preprocess:

@@ -42,7 +42,7 @@ class ModelConfig:
     input_shape: tuple[int, int, int] = (96, 80, 80)  # (D, H, W) model voxels: 307 x 352 x 352 mm
     spacing: tuple[float, float, float] = (3.2, 4.4, 4.4)  # (sd, sh, sw) mm
     hu_window: tuple[float, float] = (-1000.0, 1000.0)  # CT-CLIP: calcium/metal stay apart
-    # anti-aliased preprocessing (ctvl.geometry.antialias): a Gaussian prefilter before the linear resampling onto
+    # anti-aliased preprocessing (ctvl.geometry.to_model_space): a Gaussian prefilter before the linear resampling onto
     # the coarser model grid, so thin structures (bronchial walls, fibrotic strands) leave their partial volume in
     # the samples instead of landing in them or not by position; False = plain linear resampling (older weights)
     input_antialias: bool = False
