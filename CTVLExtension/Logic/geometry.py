@@ -311,7 +311,8 @@ def _smoothing_matrix(n: int, sigma_vox: float) -> np.ndarray:
 
 
 def _contract(x: np.ndarray, axis: int, w: np.ndarray) -> np.ndarray:
-    """x with its ``axis`` (0, 1 or 2) replaced by w [n_out, n_in] @ it; contiguous in, contiguous out, no copy."""
+    """x with its ``axis`` (0, 1 or 2) replaced by w [n_out, n_in] @ it: one matrix product, contiguous in and
+    out, with no transposed copy of x."""
     p, q, r = x.shape
     if axis == 0:
         return (w @ x.reshape(p, q * r)).reshape(-1, q, r)
@@ -377,8 +378,6 @@ def separable_plan(src_ijk_to_ras: np.ndarray, src_shape_kji: Sequence[int], dst
             w = (w.astype(np.float64) @ _smoothing_matrix(src_shape_ijk[t], sigmas_ijk_vox[t])).astype(np.float32)
         src_axes[2 - p], weights[2 - p], inside[2 - p] = 2 - t, w, mask
     return SeparablePlan(tuple(src_axes), tuple(weights), tuple(inside))
-
-
 
 
 def to_model_space(
