@@ -89,7 +89,9 @@ if [ -n "${SEEDS:-}" ]; then
   done
   variants=("${seeded[@]}")
 fi
-[ "${#variants[@]}" -le 6 ] || { echo "at most 6 runs per call (a call brings back 8 files)" | tee -a "$OUT/log.txt"; exit 2; }
+if [ "${#variants[@]}" -gt 6 ]; then
+  echo "at most 6 runs per call (a call brings back 8 files)" | tee -a "$OUT/log.txt"; exit 2
+fi
 train=($PY -m training train --config training/configs/phantom-demo.yaml --data "$DATA" --no-progress
   --override "train.text_features=$ROOT/.gpu/text_features.safetensors" --override "train.device=$DEVICE"
   --override data.num_workers=4 --override train.checkpoint_every=100)
@@ -105,8 +107,8 @@ if [ "${RESUME:-0}" != 1 ]; then
     [[ " ${grids[*]} " == *" [$grid] "* ]] && continue
     grids+=("[$grid]")
     # shellcheck disable=SC2086  # the flags are words
-    "${train[@]}" --out "$RUN/.cache" --override "data.cache_workers=$WORKERS" --override train.max_steps=0 \
-      ${v#*=} >> "$OUT/cache.txt" 2>&1 || { echo "caching for ${v%%=*} failed:"; tail -n 5 "$OUT/cache.txt"; } |
+    "${train[@]}" --out "$RUN/.cache" ${v#*=} --override "data.cache_workers=$WORKERS" --override train.max_steps=0 \
+      >> "$OUT/cache.txt" 2>&1 || { echo "caching for ${v%%=*} failed:"; tail -n 5 "$OUT/cache.txt"; } |
       tee -a "$OUT/log.txt"
     rm -rf "$RUN/.cache"
   done
