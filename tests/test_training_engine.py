@@ -133,6 +133,25 @@ def test_kill_and_resume_is_exact(data, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_zero_steps_prepares_the_cache_and_trains_nothing(data, tmp_path, capsys):
+    """`--override train.max_steps=0` caches the corpus and stops (benchmarks/device_demo.sh caches once this way
+    before several runs start side by side); a run resumed at its last step runs no step either."""
+    from training.__main__ import main
+
+    base = ["train", "--config", str(ROOT / "training/configs/tiny-test.yaml"), "--data", str(data), "--no-progress",
+            "--override", f"data.cache_dir={tmp_path / 'cache'}", "--override", "train.checkpoint_every=100"]
+    assert main(base + ["--out", str(tmp_path / "prep"), "--override", "train.max_steps=0"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 0 steps" in out and "no step run" in out
+    assert list((tmp_path / "cache").glob("*.npy"))
+    assert not list((tmp_path / "prep").glob("checkpoints/step_*.pt"))
+    assert main(base + ["--out", str(tmp_path / "run"), "--override", "train.max_steps=2"]) == 0
+    assert "last loss" in capsys.readouterr().out
+    assert main(base + ["--out", str(tmp_path / "run"), "--override", "train.max_steps=2", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 2 steps" in out and "no step run" in out
+
+
 def test_export_load_round_trip(data, tmp_path):
     from ctvl.model import load_weights
 

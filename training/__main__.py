@@ -25,8 +25,8 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / cfg.name)
     summary = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     if dist_info()[0] == 0:
-        last = summary["losses"][-1] if summary["losses"] else float("nan")
-        print(f"trained {summary['step']} steps -> {out} (last loss {last:.4f})")
+        done = f"last loss {summary['losses'][-1]:.4f}" if summary["losses"] else "no step run: the data is prepared"
+        print(f"trained {summary['step']} steps -> {out} ({done})")
     return 0
 
 
