@@ -7,8 +7,7 @@ Per scan, the share of voxels in each of the demo model's 21 HU bands (`DEMO_DEN
 along the scan axis x left/right halves), as log fractions, from (a) the NIfTI's own voxels (the phantoms: ~1.5 mm
 in-plane, 2.3 mm slices), (b) the 96x80x80 model grid at 3.2x4.4x4.4 mm after linear resampling (what the demo model
 sees) and (c) the same grid with the anti-aliasing prefilter (`to_model_space(antialias_input=True)`). A logistic
-regression per label (standardised, C=0.1)
-is fitted on `train` and scored on `valid` (AUROC;
+regression per label (standardised, C=0.1) is fitted on `train` and scored on `valid` (AUROC;
 `benchmarks.density_probe.density_linear`). If the short labels (fibrotic sequelae, bronchiectasis,
 peribronchial thickening) gained from (a), finer intensity statistics would be the lever; if not, what they need is
 shape (a wall around a lumen, a strand that is not a vessel), which only a finer encoder grid can see. Prints the
