@@ -9,9 +9,10 @@ in-plane, 2.3 mm slices), (b) the 96x80x80 model grid at 3.2x4.4x4.4 mm after li
 sees) and (c) the same grid with the anti-aliasing prefilter (`to_model_space(antialias_input=True)`). A logistic
 regression per label (standardised, C=0.1) is fitted on `train` and scored on `valid` (AUROC;
 `benchmarks.density_probe.density_linear`). If the short labels (fibrotic sequelae, bronchiectasis,
-peribronchial thickening) gained from (a), finer intensity statistics would be the lever; if not, what they need is
-shape (a wall around a lumen, a strand that is not a vessel), which only a finer encoder grid can see. Prints the
-table and writes benchmarks/results/resolution_probe.json. About 9 min on 2 cores for 900 scans.
+peribronchial thickening) gained from (a), finer intensity statistics would be the lever; they did not (what they
+need is shape: a wall around a lumen, a strand that is not a vessel; README, Limits, for what a finer encoder grid
+did with it). Prints the table and writes benchmarks/results/resolution_probe.json. About 9 min on 2 cores for
+900 scans.
 """
 
 from __future__ import annotations

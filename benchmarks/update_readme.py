@@ -133,6 +133,13 @@ def speed_section(s: dict) -> list[str]:
            f"| heatmap for a new query, input grid | {_f(m['heatmap_new_input_ms'], 0, ' ms')} | ≤ 1.5 s |"]
     for row in s.get("scaling", []):
         out.append(f"| scaling: {row['size']} pipeline | {_f(row['cold']['total_s'], 2, ' s')} | |")
+    pre = s.get("preprocess")
+    if pre:
+        out += [f"| 512×512×300 CT onto the demo grid: plain / anti-aliased (one pass) / smoothing the whole scan "
+                f"first (oblique scans) | {_f(pre['plain_s'], 2, ' s')} / {_f(pre['antialias_s'], 2, ' s')} / "
+                f"{_f(pre['antialias_smoothing_first_s'], 2, ' s')} | |",
+                f"| blobness, two scales, one thread: demo grid / 2.2 mm in-plane grid | "
+                f"{_f(pre['blobness_demo_grid_s'], 2, ' s')} / {_f(pre['blobness_fine_grid_s'], 2, ' s')} | |"]
     col = s.get("colipri", {})
     out.append(f"| COLIPRI image encoder (192³, random weights) | "
                f"{col.get('skipped') or _f(col.get('ratio'), 1, '× our encode time')} | |")
@@ -218,9 +225,8 @@ def resolution_line(rp: dict) -> str:
                       for label in SHORT_LABELS if label in rp["labels"])
     short = [rp["labels"].index(label) for label in SHORT_LABELS if label in rp["labels"]]
     gain = float(np.nanmean([rp["native"][k] - rp["model_grid"][k] for k in short])) if short else float("nan")
-    verdict = ("finer intensity statistics do not read them better (mean change {:+.2f}): what they need is shape, "
-               "on a finer grid" if not gain > 0.05 else "finer intensity statistics read them better "
-               "(mean change {:+.2f})").format(gain)
+    verdict = ("finer intensity statistics do not read them better (mean change {:+.2f})" if not gain > 0.05
+               else "finer intensity statistics read them better (mean change {:+.2f})").format(gain)
     return (f"- Finer voxels or shape? (`python -m benchmarks.resolution_probe`): a linear probe on regional HU-band "
             f"fractions reaches a mean validation AUROC of {means}; on the labels the model misses, native / grid / "
             f"anti-aliased: {cells}; {verdict}.")

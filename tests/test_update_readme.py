@@ -61,3 +61,17 @@ def test_resolution_line_shows_each_voxel_source_on_the_short_labels():
     assert "do not read them better (mean change -0.06)" in line
     rp["native"] = [0.9, 0.80, 0.80, 0.80]
     assert "read them better (mean change +0.16)" in resolution_line(rp)
+
+
+def test_speed_section_shows_the_preprocessing_rows_when_measured():
+    from benchmarks.update_readme import speed_section
+
+    run = {"total_s": 8.0}
+    main = {"model": "m", "cold": run, "warm": run, "peak_rss_mb_end": 1024.0, "locate_new_ms": 15.0,
+            "locate_repeat_ms": 0.3, "heatmap_new_model_ms": 20.0, "heatmap_new_input_ms": 300.0}
+    s = {"threads": 2, "main": main, "scaling": [], "colipri": {"skipped": "no"}}
+    assert not any("anti-aliased" in row for row in speed_section(s))  # a --quick run measures no preprocessing
+    s["preprocess"] = {"plain_s": 0.15, "antialias_s": 0.19, "antialias_smoothing_first_s": 5.7,
+                       "blobness_demo_grid_s": 0.1, "blobness_fine_grid_s": 0.82}
+    rows = "\n".join(speed_section(s))
+    assert "| 0.15 s / 0.19 s / 5.70 s |" in rows and "| 0.10 s / 0.82 s |" in rows
