@@ -1,4 +1,4 @@
-"""Anti-aliased preprocessing (`ctvl.geometry.antialias`): prefilter widths per axis, and what it buys."""
+"""Anti-aliased preprocessing: prefilter widths per axis, what it buys, and its one-pass path (`separable_plan`)."""
 
 from __future__ import annotations
 
