@@ -233,7 +233,8 @@ def test_export_load_round_trip(data, tmp_path):
 
 
 def test_ddp_two_processes_gloo(data, tmp_path):
-    """torchrun-equivalent: 2 CPU processes, gloo; ranks end with identical weights."""
+    """torchrun-equivalent: 2 CPU processes, gloo; ranks end with identical weights, and train closes the process
+    group it opened (a gloo rank exiting with it open can abort: "terminate called without an active exception")."""
     import subprocess
 
     out = tmp_path / "ddp"
@@ -245,7 +246,9 @@ def test_ddp_two_processes_gloo(data, tmp_path):
         "torch.set_num_threads(1)\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "from training.__main__ import main\n"
-        f"sys.exit(main({args!r}))\n"
+        f"rc = main({args!r})\n"
+        "assert not torch.distributed.is_initialized(), 'train left its process group open'\n"
+        "sys.exit(rc)\n"
     )
     (tmp_path / "ddp_main.py").write_text(script)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -384,7 +384,24 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     """Train per ``cfg``; writes ``out/config.yaml``, ``out/log.csv``, ``out/checkpoints/``. Returns a summary.
 
     ``stop_after``: checkpoint and return after that step, as if killed there (resume tests, time-boxed runs).
+    Under torchrun the process group this call opens is closed again on the way out, after a last barrier when
+    the run ended normally: a gloo rank that exits with its group open can abort in its pair threads
+    ("terminate called without an active exception") while the other rank still closes its sockets.
     """
+    owned = dist_info()[1] > 1 and not dist.is_initialized()
+    ok = False
+    try:
+        summary = _train(cfg, out, resume, progress, stop_after)
+        ok = True
+        return summary
+    finally:
+        if owned and dist.is_initialized():
+            if ok:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, out: str | Path, resume: bool, progress: bool, stop_after: int | None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from training.data import CTRateDataset, collate, ensure_phantom_dataset
