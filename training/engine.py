@@ -389,15 +389,13 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     ("terminate called without an active exception") while the other rank still closes its sockets.
     """
     owned = dist_info()[1] > 1 and not dist.is_initialized()
-    ok = False
     try:
         summary = _train(cfg, out, resume, progress, stop_after)
-        ok = True
+        if owned:
+            dist.barrier()
         return summary
     finally:
         if owned and dist.is_initialized():
-            if ok:
-                dist.barrier()
             dist.destroy_process_group()
 
 
